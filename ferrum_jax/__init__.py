@@ -1,0 +1,19 @@
+"""ferrum-jax: an LLM inference runtime on JAX and Pallas.
+
+    import ferrum_jax as fj
+    model = fj.load("path/to/hf-checkpoint")
+    print(fj.generate(model, "The capital of France is", max_tokens=16).text)
+"""
+
+from ferrum_jax import ops as _ops  # registers the XLA reference of every op
+from ferrum_jax.backend import DEFAULT_OPS, Ops, record_dispatch
+from ferrum_jax.cache import KVCache
+from ferrum_jax.errors import FerrumError
+from ferrum_jax.generate import Completion, Generation, decode, generate, prefill, stream
+from ferrum_jax.model import Model, load
+from ferrum_jax.sampling import GREEDY, SamplingParams
+from ferrum_jax.tokenizer import Tokenizer
+
+__all__ = ["DEFAULT_OPS", "Ops", "record_dispatch", "KVCache", "FerrumError", "Completion", "Generation",
+           "decode", "generate", "prefill", "stream", "Model", "load", "GREEDY", "SamplingParams", "Tokenizer"]
+__version__ = "0.1.0"

@@ -1,0 +1,163 @@
+"""Op dispatch: one table of implementations per op, one explicit choice per call.
+
+Models call ops through an `Ops` value (`ops.linear(x, w)`, `ops.attention(...)`). `Ops` is a
+frozen, hashable dataclass, passed to jitted functions as a static argument, so the choice of
+implementation is part of the compiled program's cache key and never comes from global state.
+
+Each op has an ordered list of implementations; the first one whose platform matches and whose
+`applies` check accepts the arguments runs. The XLA reference (pure jnp, in `ferrum_jax.ops`) is
+registered last for every op and always applies: it is the CPU path and the test oracle. A platform
+that lacks a kernel simply has no entry for it. Every choice is logged at DEBUG level (with the
+reason each faster entry was skipped) and appended to any active `record_dispatch()` log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+
+log = logging.getLogger("ferrum_jax.dispatch")
+
+# An `applies` check returns None when the implementation can take these arguments, else the reason.
+AppliesFn = Callable[..., str | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Impl:
+    name: str
+    fn: Callable[..., Any]
+    platforms: frozenset[str] | None = None  # None: any platform
+    applies: AppliesFn | None = None
+    reference: bool = False  # the pure-jnp reference: tried last, applies everywhere
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    op: str
+    impl: str
+    skipped: tuple[tuple[str, str], ...]  # (implementation, why not)
+
+    def __str__(self) -> str:
+        why = "; ".join(f"{n}: {r}" for n, r in self.skipped)
+        return f"{self.op} -> {self.impl}" + (f" (skipped {why})" if why else "")
+
+
+_TABLE: dict[str, list[Impl]] = {}
+_RECORDERS: list[list[Choice]] = []
+
+
+def register(op: str, impl: Impl) -> None:
+    """Add an implementation of `op`: kernels in the order registered, the reference last."""
+    impls = _TABLE.setdefault(op, [])
+    if any(i.name == impl.name for i in impls):
+        raise ValueError(f"{op} already has an implementation named {impl.name!r}")
+    impls.append(impl)
+    impls.sort(key=lambda i: i.reference)  # stable: keeps kernel order, moves the reference last
+
+
+def implementations(op: str) -> list[str]:
+    return [i.name for i in _TABLE[op]]
+
+
+@contextlib.contextmanager
+def record_dispatch() -> Iterator[list[Choice]]:
+    """Collect the choices made while tracing inside the block (one entry per traced op call)."""
+    choices: list[Choice] = []
+    _RECORDERS.append(choices)
+    try:
+        yield choices
+    finally:
+        _RECORDERS.remove(choices)
+
+
+def summarize(choices: list[Choice]) -> dict[str, str]:
+    """{op: implementation(s)} for a dispatch log, e.g. {"linear": "xla", "attention": "xla"}."""
+    seen: dict[str, list[str]] = {}
+    for c in choices:
+        names = seen.setdefault(c.op, [])
+        if c.impl not in names:
+            names.append(c.impl)
+    return {op: ",".join(names) for op, names in seen.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Ops:
+    """The op interface models call. Static under jit.
+
+    platform: where the program runs ("cpu", "gpu", "tpu", "METAL"); None means jax's default backend.
+    force: ((op, implementation), ...) pins an op to a named implementation, e.g.
+        Ops(force=(("attention", "xla"),)) to compare a kernel against the reference.
+    """
+
+    platform: str | None = None
+    force: tuple[tuple[str, str], ...] = ()
+
+    def choose(self, op: str, *args: Any, **kwargs: Any) -> tuple[Impl, Choice]:
+        if op not in _TABLE:
+            raise KeyError(f"no op named {op!r}; ops: {sorted(_TABLE)}")
+        platform = (self.platform or jax.default_backend()).lower()
+        forced = dict(self.force).get(op)
+        skipped: list[tuple[str, str]] = []
+        for impl in _TABLE[op]:
+            if forced is not None and impl.name != forced:
+                skipped.append((impl.name, f"forced {forced}"))
+                continue
+            if impl.platforms is not None and platform not in impl.platforms:
+                skipped.append((impl.name, f"not on {platform}"))
+                continue
+            reason = impl.applies(*args, **kwargs) if impl.applies else None
+            if reason is not None:
+                if forced is not None:
+                    raise ValueError(f"{op}: forced implementation {forced!r} does not apply: {reason}")
+                skipped.append((impl.name, reason))
+                continue
+            choice = Choice(op, impl.name, tuple(skipped))
+            return impl, choice
+        raise ValueError(f"{op}: no implementation applies ({skipped})")
+
+    def call(self, op: str, *args: Any, **kwargs: Any) -> Any:
+        impl, choice = self.choose(op, *args, **kwargs)
+        if choice.skipped:
+            log.debug("%s", choice)
+        for rec in _RECORDERS:
+            rec.append(choice)
+        return impl.fn(*args, **kwargs)
+
+    # The op interface. Signatures and semantics are those of the references in ferrum_jax.ops.
+    def embed(self, tokens, table):
+        return self.call("embed", tokens, table)
+
+    def linear(self, x, w, bias=None):
+        return self.call("linear", x, w, bias)
+
+    def rms_norm(self, x, w, *, eps: float, offset: float = 0.0):
+        return self.call("rms_norm", x, w, eps=eps, offset=offset)
+
+    def rope(self, x, positions, rope):
+        return self.call("rope", x, positions, rope)
+
+    def activation(self, x, kind: str):
+        return self.call("activation", x, kind)
+
+    def gated_mlp(self, x, w_gate, w_up, w_down, kind: str):
+        return self.call("gated_mlp", x, w_gate, w_up, w_down, kind, ops=self)
+
+    def attention(self, q, k, v, q_positions, kv_positions, *, scale: float, window: int | None = None,
+                  softcap: float | None = None):
+        """Prefill-shaped attention (many query tokens)."""
+        return self.call("attention", q, k, v, q_positions, kv_positions, scale=scale, window=window,
+                         softcap=softcap)
+
+    def decode_attention(self, q, k, v, q_positions, kv_positions, *, scale: float, window: int | None = None,
+                         softcap: float | None = None):
+        """Decode-shaped attention (one query token per sequence against the cache)."""
+        return self.call("decode_attention", q, k, v, q_positions, kv_positions, scale=scale, window=window,
+                         softcap=softcap)
+
+
+DEFAULT_OPS = Ops()

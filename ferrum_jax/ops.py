@@ -1,0 +1,108 @@
+"""The XLA reference of every op: plain jnp, the CPU path and the oracle for every kernel.
+
+Layouts (shared by every implementation of an op):
+  activations x      [..., features]
+  dense weight w     [out_features, in_features]  (the checkpoint's own layout: no transpose at load)
+  queries q          [batch, q_len, heads, head_dim]
+  keys, values k, v  [batch, kv_heads, kv_len, head_dim]  (the KV cache's layout)
+  positions          int32 [batch, q_len] for queries, [batch, kv_len] for keys
+A key is visible to a query when key_pos <= query_pos (and key_pos > query_pos - window).
+Quantized weight types register their own `linear`/`embed` entries (see ferrum_jax.quant).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ferrum_jax.backend import Impl, register
+from ferrum_jax.rope import Rope
+
+# Masked scores use a large finite value rather than -inf so a row with nothing visible (padding)
+# yields a harmless average instead of NaN.
+_MASKED = -1e30
+
+
+def embed(tokens: jax.Array, table: jax.Array) -> jax.Array:
+    return jnp.take(table, tokens, axis=0)
+
+
+def linear(x: jax.Array, w: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    y = jnp.einsum("...k,nk->...n", x, w.astype(x.dtype))
+    return y if bias is None else y + bias.astype(y.dtype)
+
+
+def rms_norm(x: jax.Array, w: jax.Array, *, eps: float, offset: float = 0.0) -> jax.Array:
+    """x / rms(x) * (offset + w), in float32. Gemma stores w - 1 and uses offset 1."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * (offset + w.astype(jnp.float32))).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, rope: Rope) -> jax.Array:
+    """Rotate-half rotary embedding (the HF layout) on x [B, T, H, D] at positions [B, T]."""
+    inv_freq = jnp.asarray(rope.inv_freq())
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, dim/2]
+    cos = jnp.cos(angles) * rope.attention_factor
+    sin = jnp.sin(angles) * rope.attention_factor
+    cos, sin = (jnp.concatenate([c, c], axis=-1)[:, :, None, :] for c in (cos, sin))
+    rot, rest = x[..., : rope.dim].astype(jnp.float32), x[..., rope.dim:]
+    half = rope.dim // 2
+    rotated_half = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    out = (rot * cos + rotated_half * sin).astype(x.dtype)
+    return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def activation(x: jax.Array, kind: str) -> jax.Array:
+    return ACTIVATIONS[kind](x)
+
+
+def gated_mlp(x: jax.Array, w_gate, w_up, w_down, kind: str, *, ops) -> jax.Array:
+    """down(act(gate(x)) * up(x)): SwiGLU for silu, GeGLU for gelu."""
+    return ops.linear(ops.activation(ops.linear(x, w_gate), kind) * ops.linear(x, w_up), w_down)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
+              *, scale: float, window: int | None = None, softcap: float | None = None) -> jax.Array:
+    """softmax(q k^T * scale) v with a causal (and optional sliding-window) mask, GQA by grouping
+    query heads over their kv head (no repeated K/V is materialized)."""
+    b, t, h, d = q.shape
+    kv_heads = k.shape[1]
+    qg = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
+    qp, kp = q_positions[:, :, None], kv_positions[:, None, :]
+    visible = kp <= qp
+    if window is not None:
+        visible &= kp > qp - window
+    scores = jnp.where(visible[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, v.shape[-1]).astype(q.dtype)
+
+
+def _dense_only(x, w, *args, **kwargs) -> str | None:
+    return None if isinstance(w, jax.Array) else f"weight is {type(w).__name__}, not a dense array"
+
+
+for _op, _fn, _applies in [
+    ("embed", embed, lambda tokens, table: _dense_only(tokens, table)),
+    ("linear", linear, _dense_only),
+    ("rms_norm", rms_norm, None),
+    ("rope", rope, None),
+    ("activation", activation, None),
+    ("gated_mlp", gated_mlp, None),
+    ("attention", attention, None),
+    ("decode_attention", attention, None),
+]:
+    register(_op, Impl("xla", _fn, applies=_applies, reference=True))

@@ -1,0 +1,156 @@
+"""Pieces every decoder family shares: the attention sub-layer, the gated MLP weights, and the
+helpers that read an HF config.json. Built only from ferrum_jax ops; no platform branches here."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ferrum_jax.backend import Ops
+from ferrum_jax.cache import KVCache
+from ferrum_jax.errors import ConfigError
+from ferrum_jax.rope import Rope
+
+Array = Any  # a dense jax.Array or a packed quantized weight pytree
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Attention:
+    wq: Array
+    wk: Array
+    wv: Array
+    wo: Array
+    bq: Array | None = None
+    bk: Array | None = None
+    bv: Array | None = None
+    bo: Array | None = None
+    q_norm: Array | None = None  # per-head RMSNorm of queries and keys (Qwen3, Gemma 3)
+    k_norm: Array | None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Mlp:
+    gate: Array
+    up: Array
+    down: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnSpec:
+    """The static shape of one layer's attention."""
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+    rope: Rope
+    window: int | None = None  # sliding window: a key is visible when query_pos - key_pos < window
+    softcap: float | None = None
+    norm_eps: float = 1e-6  # q/k norm
+    norm_offset: float = 0.0
+
+
+def self_attention(p: Attention, x: jax.Array, positions: jax.Array, cache: KVCache, layer: int,
+                   spec: AttnSpec, ops: Ops, kv_len: int | None) -> tuple[jax.Array, KVCache]:
+    """Project, (q/k-norm), rotate, store K/V in the cache at `positions`, attend over the first
+    `kv_len` cache slots (all of them when None), project out."""
+    b, t, _ = x.shape
+    q = ops.linear(x, p.wq, p.bq).reshape(b, t, spec.num_heads, spec.head_dim)
+    k = ops.linear(x, p.wk, p.bk).reshape(b, t, spec.num_kv_heads, spec.head_dim)
+    v = ops.linear(x, p.wv, p.bv).reshape(b, t, spec.num_kv_heads, spec.head_dim)
+    if p.q_norm is not None:
+        q = ops.rms_norm(q, p.q_norm, eps=spec.norm_eps, offset=spec.norm_offset)
+        k = ops.rms_norm(k, p.k_norm, eps=spec.norm_eps, offset=spec.norm_offset)
+    q, k = ops.rope(q, positions, spec.rope), ops.rope(k, positions, spec.rope)
+    cache = cache.write(layer, k, v, positions)
+    kv_len = kv_len or cache.capacity
+    keys, values = cache.k[layer][:, :, :kv_len], cache.v[layer][:, :, :kv_len]
+    kv_positions = jnp.broadcast_to(jnp.arange(kv_len, dtype=jnp.int32), (b, kv_len))
+    attend = ops.decode_attention if t == 1 else ops.attention
+    out = attend(q, keys, values, positions, kv_positions, scale=spec.scale, window=spec.window,
+                 softcap=spec.softcap)
+    return ops.linear(out.reshape(b, t, -1), p.wo, p.bo), cache
+
+
+def final_logits(x: jax.Array, norm: Array, lm_head: Array, logits_at: jax.Array | None, *, eps: float,
+                 ops: Ops, norm_offset: float = 0.0, softcap: float | None = None) -> jax.Array:
+    """Final norm and vocabulary projection, in float32. With `logits_at` [batch] only that position
+    of each row is projected (the next-token logits of prefill), saving a [T, vocab] matmul."""
+    if logits_at is not None:
+        x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)
+    x = ops.rms_norm(x, norm, eps=eps, offset=norm_offset)
+    logits = ops.linear(x, lm_head).astype(jnp.float32)
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    return logits
+
+
+class HFConfig:
+    """Typed access to an HF config.json with errors that name the file and field."""
+
+    def __init__(self, d: Mapping[str, Any], where: str):
+        self.d, self.where = d, where
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.d.get(key)
+        return default if value is None else value
+
+    def req(self, key: str, kind: type = int) -> Any:
+        if self.d.get(key) is None:
+            raise ConfigError(f"{self.where}: required field {key!r} is missing")
+        try:
+            return kind(self.d[key])
+        except (TypeError, ValueError):
+            raise ConfigError(f"{self.where}: field {key!r} = {self.d[key]!r} is not a valid {kind.__name__}")
+
+    def positive(self, key: str) -> int:
+        value = self.req(key)
+        if value <= 0:
+            raise ConfigError(f"{self.where}: field {key!r} must be positive, got {value}")
+        return value
+
+    def heads(self) -> tuple[int, int, int]:
+        """(num_heads, num_kv_heads, head_dim), checked for GQA divisibility."""
+        hidden, heads = self.positive("hidden_size"), self.positive("num_attention_heads")
+        kv_heads = int(self.get("num_key_value_heads", heads))
+        if kv_heads <= 0 or heads % kv_heads:
+            raise ConfigError(f"{self.where}: num_attention_heads={heads} is not a multiple of "
+                              f"num_key_value_heads={kv_heads}")
+        head_dim = self.get("head_dim")
+        if head_dim is None:
+            if hidden % heads:
+                raise ConfigError(f"{self.where}: hidden_size={hidden} is not divisible by "
+                                  f"num_attention_heads={heads} and head_dim is not given")
+            head_dim = hidden // heads
+        return heads, kv_heads, int(head_dim)
+
+    def rope(self, head_dim: int, layer_type: str | None = None, theta_key: str = "rope_theta",
+             default_theta: float = 10000.0) -> Rope:
+        """Rope from transformers 5's `rope_parameters` (per layer type for Gemma 3) or 4's
+        `rope_theta` + `rope_scaling`."""
+        params = self.d.get("rope_parameters")
+        if isinstance(params, Mapping) and layer_type is not None and layer_type in params:
+            params = params[layer_type]
+        if params is None:
+            params = self.d.get("rope_scaling")
+        theta = float(self.get(theta_key, default_theta))
+        dim = int(head_dim * float(self.get("partial_rotary_factor", 1.0)))
+        return Rope.from_hf(params, theta=theta, dim=dim, where=self.where,
+                            max_positions=int(self.get("max_position_embeddings", 2048)))
+
+    def layer_types(self, num_layers: int) -> tuple[str, ...]:
+        types = self.d.get("layer_types")
+        if types is None:
+            return ("full_attention",) * num_layers
+        if len(types) != num_layers:
+            raise ConfigError(f"{self.where}: layer_types has {len(types)} entries for "
+                              f"num_hidden_layers={num_layers}")
+        unknown = set(types) - {"full_attention", "sliding_attention"}
+        if unknown:
+            raise ConfigError(f"{self.where}: unsupported layer_types {sorted(unknown)}")
+        return tuple(types)
