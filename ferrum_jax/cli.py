@@ -1,0 +1,120 @@
+"""`ferrum-jax generate | chat`: the command line. Text goes to stdout as it is generated; the
+load / compile / speed summary goes to stderr. Bad input ends with one `error: ...` line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from ferrum_jax.errors import FerrumError
+from ferrum_jax.generate import Completion, Stats, stream
+from ferrum_jax.model import DTYPES, Model, load
+from ferrum_jax.sampling import SamplingParams
+
+
+def _common(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("--model", required=True, help="HF checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="weight and activation dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--max-tokens", type=int, default=256, help="new tokens per reply (default 256)")
+    p.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--capacity", type=int, default=None, help="KV cache capacity in tokens (default: fit)")
+    p.add_argument("--verbose", "-v", action="store_true", help="log which op implementations ran, and why")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ferrum-jax", description="LLM inference on JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="continue a prompt, streaming the text")
+    _common(gen, temperature=0.0)
+    gen.add_argument("--prompt", required=True, help="the prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    chat = sub.add_parser("chat", help="interactive chat with history (/reset, /exit)")
+    _common(chat, temperature=0.7)
+    chat.add_argument("--system", default=None, help="a system message")
+    return parser
+
+
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed).validate()
+
+
+def _stream_to_stdout(model: Model, prompt, args: argparse.Namespace, chat: bool) -> Completion:
+    gen = stream(model, prompt, max_tokens=args.max_tokens, sampling=_sampling(args), chat=chat,
+                 capacity=args.capacity)
+    while True:
+        try:
+            sys.stdout.write(next(gen))
+            sys.stdout.flush()
+        except StopIteration as end:
+            sys.stdout.write("\n")
+            return end.value
+
+
+def _summary(model: Model, s: Stats, verbose: bool) -> str:
+    lines = [f"[{model.name}] load {model.load_seconds:.2f}s | compile {s.compile_seconds:.2f}s ({s.compiles} programs)"
+             f" | prefill {s.prompt_tokens} tok at {s.prefill_tokens_per_second:.1f} tok/s"
+             f" | decode {s.generated_tokens} tok at {s.decode_tokens_per_second:.1f} tok/s"]
+    if verbose:
+        lines.append("ops: " + ", ".join(f"{op}={impl}" for op, impl in sorted(s.dispatch.items())))
+    return "\n".join(lines)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    model = load(args.model, dtype=args.dtype)
+    done = _stream_to_stdout(model, args.prompt, args, chat=args.chat)
+    print(_summary(model, done.stats, args.verbose), file=sys.stderr)
+
+
+def _chat(args: argparse.Namespace) -> None:
+    model = load(args.model, dtype=args.dtype)
+    if model.tokenizer is None or model.tokenizer.chat_template is None:
+        raise FerrumError(f"{args.model}: the tokenizer has no chat template; use `generate` instead")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    print("chat: /reset clears the history, /exit (or Ctrl-D) quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history.clear()
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        ids = model.tokenizer.encode_chat(system + history)
+        done = _stream_to_stdout(model, ids, args, chat=False)
+        history.append({"role": "assistant", "content": done.text})
+        print(_summary(model, done.stats, args.verbose), file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("ferrum_jax").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    try:
+        {"generate": _generate, "chat": _chat}[args.command](args)
+    except FerrumError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
