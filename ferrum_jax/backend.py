@@ -97,6 +97,14 @@ class Ops:
     platform: str | None = None
     force: tuple[tuple[str, str], ...] = ()
 
+    def __post_init__(self) -> None:
+        for op, name in self.force:
+            if op not in _TABLE:
+                raise ValueError(f"Ops(force=...): no op named {op!r}; ops: {', '.join(sorted(_TABLE))}")
+            if name not in implementations(op):
+                raise ValueError(f"Ops(force=...): {op} has no implementation named {name!r}; "
+                                 f"it has: {', '.join(implementations(op))}")
+
     def choose(self, op: str, *args: Any, **kwargs: Any) -> tuple[Impl, Choice]:
         if op not in _TABLE:
             raise KeyError(f"no op named {op!r}; ops: {sorted(_TABLE)}")

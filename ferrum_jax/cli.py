@@ -68,14 +68,26 @@ def _summary(model: Model, s: Stats, verbose: bool) -> str:
     return "\n".join(lines)
 
 
+def _check(args: argparse.Namespace) -> None:
+    """Reject bad flags before spending time on loading."""
+    _sampling(args)
+    if args.max_tokens < 1:
+        raise FerrumError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+
+
+def _load(args: argparse.Namespace) -> Model:
+    _check(args)
+    return load(args.model, dtype=args.dtype, progress=sys.stderr.isatty())
+
+
 def _generate(args: argparse.Namespace) -> None:
-    model = load(args.model, dtype=args.dtype)
+    model = _load(args)
     done = _stream_to_stdout(model, args.prompt, args, chat=args.chat)
     print(_summary(model, done.stats, args.verbose), file=sys.stderr)
 
 
 def _chat(args: argparse.Namespace) -> None:
-    model = load(args.model, dtype=args.dtype)
+    model = _load(args)
     if model.tokenizer is None or model.tokenizer.chat_template is None:
         raise FerrumError(f"{args.model}: the tokenizer has no chat template; use `generate` instead")
     system = [{"role": "system", "content": args.system}] if args.system else []

@@ -46,13 +46,18 @@ class DecodeState:
     position: jax.Array  # int32 [B]: position of `last`
     done: jax.Array  # bool [B]
     seen: jax.Array  # bool [B, vocab]: prompt and generated tokens (repetition penalty)
-    key: jax.Array  # PRNG key
+    key: jax.Array  # uint32 [B, 2]: one PRNG key per row, from that row's seed
     max_new: jax.Array  # int32 [B]
     stop_ids: jax.Array  # int32 [EOS_SLOTS], -1 = unused
 
 
 def _forward(weights, tokens, positions, cache, cfg, ops, **kw):
     return models.family_of(cfg).forward(weights, tokens, positions, cache, cfg, ops, **kw)
+
+
+def _split_rows(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    pairs = jax.vmap(jax.random.split)(keys)  # [B, 2, 2]
+    return pairs[:, 0], pairs[:, 1]
 
 
 def _advance(state: DecodeState, tok: jax.Array, seen: jax.Array, key: jax.Array, capacity: int) -> DecodeState:
@@ -81,7 +86,7 @@ def prefill(weights: Any, cache: KVCache, tokens: jax.Array, lengths: jax.Array,
     in_prompt = positions < lengths[:, None]
     seen = jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], jnp.where(in_prompt, tokens, vocab)].set(
         True, mode="drop")
-    key, sub = jax.random.split(key)
+    key, sub = _split_rows(key)
     first = sample(logits[:, 0], sub, params, seen)
     start = DecodeState(tokens=jnp.zeros((b, cache.capacity), jnp.int32), count=jnp.zeros((b,), jnp.int32),
                         last=first, position=lengths - 1, done=jnp.zeros((b,), bool), seen=seen, key=key,
@@ -101,7 +106,7 @@ def decode(weights: Any, cache: KVCache, state: DecodeState, params: SamplingArr
     def body(carry):
         state, cache, i = carry
         logits, cache = _forward(weights, state.last[:, None], state.position[:, None], cache, cfg, ops)
-        key, sub = jax.random.split(state.key)
+        key, sub = _split_rows(state.key)
         tok = sample(logits[:, 0], sub, params, state.seen)
         return _advance(state, tok, update_seen(state.seen, tok), key, cache.capacity), cache, i + 1
 
@@ -111,8 +116,9 @@ def decode(weights: Any, cache: KVCache, state: DecodeState, params: SamplingArr
 
 @dataclasses.dataclass
 class Stats:
+    rows: int = 0  # sequences in the batch
     prompt_tokens: int = 0
-    generated_tokens: int = 0
+    generated_tokens: int = 0  # including the first, which prefill samples
     prefill_seconds: float = 0.0  # run time of prefill, excluding compilation
     decode_seconds: float = 0.0
     compile_seconds: float = 0.0
@@ -125,7 +131,8 @@ class Stats:
 
     @property
     def decode_tokens_per_second(self) -> float:
-        return self.generated_tokens / self.decode_seconds if self.decode_seconds else 0.0
+        decoded = self.generated_tokens - self.rows  # each row's first token comes from prefill
+        return decoded / self.decode_seconds if self.decode_seconds and decoded > 0 else 0.0
 
 
 @dataclasses.dataclass
@@ -138,6 +145,7 @@ class Completion:
 
 
 Prompt = str | Sequence[int]
+_DISPATCH: dict[tuple, dict[str, str]] = {}  # program -> {op: implementation}, filled when traced
 
 
 class Generation:
@@ -161,7 +169,7 @@ class Generation:
                                      f"{cfg.max_position_embeddings} (max_position_embeddings)")
         if capacity is None:
             capacity = max(bucket(longest + max_tokens, MIN_CAPACITY), bucket(longest, MIN_PROMPT_BUCKET))
-            capacity = max(min(capacity, bucket(cfg.max_position_embeddings)), longest)
+            capacity = max(min(capacity, cfg.max_position_embeddings), longest)
         elif longest > capacity:
             raise PromptTooLongError(f"prompt of {longest} tokens does not fit the KV cache capacity of {capacity}")
         self.capacity = capacity
@@ -178,9 +186,10 @@ class Generation:
         stops = list(dict.fromkeys([*(model.tokenizer.eos_token_ids if model.tokenizer else ()), *stop_token_ids]))
         self.stop_ids = np.full((bucket(len(stops), EOS_SLOTS),), -1, np.int32)
         self.stop_ids[: len(stops)] = stops
-        self.key = jax.random.PRNGKey(params[0].seed)
+        seeds = [p.seed for p in params] + [0] * (self.batch - len(prompts))
+        self.key = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds, jnp.uint32))
         self.n = len(prompts)
-        self.stats.prompt_tokens = sum(lengths)
+        self.stats.prompt_tokens, self.stats.rows = sum(lengths), len(prompts)
         self.state: DecodeState | None = None
         self.counts = np.zeros(self.batch, np.int64)
 
@@ -201,7 +210,9 @@ class Generation:
         return ids
 
     def _timed(self, fn, *args, **kw):
-        """Run a jitted call, splitting compile time from run time."""
+        """Run a jitted call, splitting compile time from run time. Op choices are only seen while
+        tracing, so they are remembered per program for the calls that reuse it."""
+        program = (fn.__name__, kw["cfg"], kw["ops"], self.batch, self.tokens.shape[1], self.capacity)
         with count_compiles() as log, record_dispatch() as choices:
             start = time.perf_counter()
             out = fn(*args, **kw)
@@ -210,7 +221,8 @@ class Generation:
         self.stats.compile_seconds += log.seconds
         self.stats.compiles += log.compiles
         if choices:
-            self.stats.dispatch |= summarize(choices)
+            _DISPATCH[program] = summarize(choices)
+        self.stats.dispatch |= _DISPATCH.get(program, {})
         return out, max(elapsed - log.seconds, 0.0)
 
     def __iter__(self) -> Iterator[list[int]]:

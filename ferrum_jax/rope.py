@@ -1,5 +1,6 @@
 """Rotary position embedding parameters: the static description of one rope, and its inverse
-frequencies (computed on the host, once per trace, exactly as transformers computes them)."""
+frequencies (computed on the host in float32, once per trace, with transformers' formulas; numpy's
+float32 power may differ from torch's by an ulp or two)."""
 
 from __future__ import annotations
 

@@ -193,14 +193,16 @@ def sample(
     """Picks one token per row: int32 [B].
 
     Greedy rows (temperature 0) take the argmax of the penalised logits; the others draw from
-    process_logits() with their own key, split from `key`.
+    process_logits() with their own key: `key` is either one raw key (uint32 [2], split into one
+    per row) or one raw key per row (uint32 [B, 2], so each request keeps its own seeded stream
+    whatever batch it shares).
     """
     scores = _apply_repetition_penalty(logits.astype(jnp.float32), params, seen)
     greedy = params.temperature == 0
     best = jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
     def draw(scores: jax.Array) -> jax.Array:
-        keys = jax.random.split(key, scores.shape[0])
+        keys = key if key.ndim == 2 else jax.random.split(key, scores.shape[0])
         drawn = jax.vmap(jax.random.categorical)(keys, _filter(scores, params)).astype(jnp.int32)
         return jnp.where(greedy, best, drawn)
 
