@@ -110,22 +110,25 @@ class Ops:
             raise KeyError(f"no op named {op!r}; ops: {sorted(_TABLE)}")
         platform = (self.platform or jax.default_backend()).lower()
         forced = dict(self.force).get(op)
+        if forced is not None:
+            impl = next(i for i in _TABLE[op] if i.name == forced)
+            if impl.platforms is not None and platform not in impl.platforms:
+                raise ValueError(f"{op}: forced implementation {forced!r} does not run on {platform}")
+            reason = impl.applies(*args, **kwargs) if impl.applies else None
+            if reason is not None:
+                raise ValueError(f"{op}: forced implementation {forced!r} does not apply: {reason}")
+            skipped = tuple((i.name, f"forced {forced}") for i in _TABLE[op] if i is not impl)
+            return impl, Choice(op, impl.name, skipped)
         skipped: list[tuple[str, str]] = []
         for impl in _TABLE[op]:
-            if forced is not None and impl.name != forced:
-                skipped.append((impl.name, f"forced {forced}"))
-                continue
             if impl.platforms is not None and platform not in impl.platforms:
                 skipped.append((impl.name, f"not on {platform}"))
                 continue
             reason = impl.applies(*args, **kwargs) if impl.applies else None
             if reason is not None:
-                if forced is not None:
-                    raise ValueError(f"{op}: forced implementation {forced!r} does not apply: {reason}")
                 skipped.append((impl.name, reason))
                 continue
-            choice = Choice(op, impl.name, tuple(skipped))
-            return impl, choice
+            return impl, Choice(op, impl.name, tuple(skipped))
         raise ValueError(f"{op}: no implementation applies ({skipped})")
 
     def call(self, op: str, *args: Any, **kwargs: Any) -> Any:

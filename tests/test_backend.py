@@ -103,7 +103,7 @@ def test_fake_kernels_skipped_with_reasons(clean_registry, caplog):
     x = jnp.arange(12, dtype=jnp.float32).reshape(3, 4) + 1
     w = jnp.ones((4,), jnp.float32)
     with caplog.at_level(logging.DEBUG, logger="ferrum_jax.dispatch"), record_dispatch() as choices:
-        out = Ops().rms_norm(x, w, eps=1e-6)
+        out = Ops(platform="cpu").rms_norm(x, w, eps=1e-6)
     (choice,) = choices
     assert choice.impl == "xla"
     assert choice.skipped == (("fake_tpu_kernel", "not on cpu"), ("fake_cpu_kernel", "width 4 is below 128"))
@@ -115,7 +115,9 @@ def test_fake_kernels_skipped_with_reasons(clean_registry, caplog):
         out = Ops(platform="tpu").rms_norm(x, w, eps=1e-6)
     assert choices[0].impl == "fake_tpu_kernel" and float(out[0, 0]) == 42.0
     with pytest.raises(ValueError, match="forced implementation 'fake_cpu_kernel' does not apply: width 4"):
-        Ops(force=(("rms_norm", "fake_cpu_kernel"),)).rms_norm(x, w, eps=1e-6)
+        Ops(platform="cpu", force=(("rms_norm", "fake_cpu_kernel"),)).rms_norm(x, w, eps=1e-6)
+    with pytest.raises(ValueError, match="forced implementation 'fake_tpu_kernel' does not run on cpu"):
+        Ops(platform="cpu", force=(("rms_norm", "fake_tpu_kernel"),)).rms_norm(x, w, eps=1e-6)
     with pytest.raises(ValueError, match="already has an implementation named 'fake_cpu_kernel'"):
         register("rms_norm", Impl("fake_cpu_kernel", _fake))
 
@@ -124,7 +126,7 @@ def test_accepting_cpu_kernel_runs(clean_registry):
     register("rms_norm", Impl("fake_cpu_kernel", _fake, platforms=frozenset({"cpu"}), applies=lambda *a, **k: None))
     x = jnp.ones((2, 4), jnp.float32)
     with record_dispatch() as choices:
-        out = Ops().rms_norm(x, jnp.ones((4,)), eps=1e-6)
+        out = Ops(platform="cpu").rms_norm(x, jnp.ones((4,)), eps=1e-6)
     assert choices[0].impl == "fake_cpu_kernel" and choices[0].skipped == ()
     assert float(out[0, 0]) == 42.0
     # Forcing the reference skips the kernel, with that reason.

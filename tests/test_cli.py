@@ -30,7 +30,14 @@ def _restore_logging():
     logger.setLevel(level)
 
 
+def _float32(argv: tuple) -> list[str]:
+    """The API tests use float32; "auto" would pick bfloat16 on a GPU."""
+    argv = [str(a) for a in argv]
+    return argv + ["--dtype", "float32"] if argv[0] in ("generate", "chat") and "--dtype" not in argv else argv
+
+
 def run_main(capsys, *argv: str, stdin: str | None = None, monkeypatch=None) -> tuple[int, str, str]:
+    argv = _float32(argv)
     if stdin is not None:
         monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
     code = main([str(a) for a in argv])
