@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from ferrum_jax.aliases import ALIASES, DEFAULT_MODEL
+from ferrum_jax.compile_log import DEFAULT_CACHE_DIR, enable_persistent_cache
 from ferrum_jax.errors import FerrumError
 from ferrum_jax.generate import Completion, Stats, stream
 from ferrum_jax.model import DTYPES, Model, load
@@ -29,6 +30,9 @@ def _common(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--capacity", type=int, default=None, help="KV cache capacity in tokens (default: fit)")
+    p.add_argument("--compile-cache", default=str(DEFAULT_CACHE_DIR), metavar="DIR",
+                   help="keep compiled programs here so the next run starts faster ('none' to turn off; "
+                        f"default {DEFAULT_CACHE_DIR})")
     p.add_argument("--verbose", "-v", action="store_true", help="log which op implementations ran, and why")
 
 
@@ -89,6 +93,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def _load(args: argparse.Namespace) -> Model:
     _check(args)
+    enable_persistent_cache(None if args.compile_cache.lower() in ("none", "off", "") else args.compile_cache)
     return load(args.model, dtype=args.dtype, progress=sys.stderr.isatty())
 
 

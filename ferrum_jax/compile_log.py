@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
 
 import jax
 
@@ -48,3 +49,21 @@ def count_compiles() -> Iterator[CompileLog]:
         yield log
     finally:
         _ACTIVE.remove(log)
+
+
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "ferrum-jax" / "xla"
+
+
+def enable_persistent_cache(path: str | Path | None = DEFAULT_CACHE_DIR) -> Path | None:
+    """Keep compiled programs on disk (JAX's persistent compilation cache) so a second process
+    skips XLA compilation. None turns it off. Applies to programs compiled from now on."""
+    if path is None:
+        jax.config.update("jax_compilation_cache_dir", None)
+        return None
+    path = Path(path).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    # Cache every program, however small or quick to compile: decode programs are both.
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path

@@ -55,6 +55,57 @@ class AttnSpec:
     norm_offset: float = 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """The fields every family's Config has (what the cache, the loaders and generate read)."""
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    attn: tuple[AttnSpec, ...]  # one per layer
+
+
+def attention_shapes(p: str, cfg: DecoderConfig, *, qkv_bias: bool = False, o_bias: bool = False,
+                     qk_norm: bool = False) -> dict[str, tuple[int, ...]]:
+    """HF tensor names and shapes of one layer's attention (`p` = "model.layers.{i}.")."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    a = p + "self_attn."
+    shapes = {a + "q_proj.weight": (q, h), a + "k_proj.weight": (kv, h), a + "v_proj.weight": (kv, h),
+              a + "o_proj.weight": (h, q)}
+    if qkv_bias:
+        shapes |= {a + "q_proj.bias": (q,), a + "k_proj.bias": (kv,), a + "v_proj.bias": (kv,)}
+    if o_bias:
+        shapes[a + "o_proj.bias"] = (h,)
+    if qk_norm:
+        shapes |= {a + "q_norm.weight": (d,), a + "k_norm.weight": (d,)}
+    return shapes
+
+
+def mlp_shapes(p: str, cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    return {p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h), p + "mlp.down_proj.weight": (h, f)}
+
+
+def attention_weights(t: Mapping[str, Any], p: str) -> Attention:
+    """One layer's Attention from HF-named tensors; the optional ones (biases, q/k norms) may be absent."""
+    a = p + "self_attn."
+    return Attention(wq=t[a + "q_proj.weight"], wk=t[a + "k_proj.weight"], wv=t[a + "v_proj.weight"],
+                     wo=t[a + "o_proj.weight"], bq=t.get(a + "q_proj.bias"), bk=t.get(a + "k_proj.bias"),
+                     bv=t.get(a + "v_proj.bias"), bo=t.get(a + "o_proj.bias"), q_norm=t.get(a + "q_norm.weight"),
+                     k_norm=t.get(a + "k_norm.weight"))
+
+
+def mlp_weights(t: Mapping[str, Any], p: str) -> Mlp:
+    return Mlp(gate=t[p + "mlp.gate_proj.weight"], up=t[p + "mlp.up_proj.weight"], down=t[p + "mlp.down_proj.weight"])
+
+
 def self_attention(p: Attention, x: jax.Array, positions: jax.Array, cache: KVCache, layer: int,
                    spec: AttnSpec, ops: Ops, kv_len: int | None) -> tuple[jax.Array, KVCache]:
     """Project, (q/k-norm), rotate, store K/V in the cache at `positions`, attend over the first

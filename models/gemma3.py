@@ -22,24 +22,14 @@ import jax.numpy as jnp
 from ferrum_jax.backend import Ops
 from ferrum_jax.cache import KVCache
 from ferrum_jax.rope import Rope
-from models.common import Attention, AttnSpec, HFConfig, Mlp, final_logits, self_attention
+from models.common import (Attention, AttnSpec, DecoderConfig, HFConfig, Mlp, attention_shapes, attention_weights,
+                           final_logits, mlp_shapes, mlp_weights, self_attention)
 
 ARCHITECTURES = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    architecture: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    max_position_embeddings: int
-    attn: tuple[AttnSpec, ...]
+class Config(DecoderConfig):
     hidden_act: str = "gelu_pytorch_tanh"
     final_logit_softcap: float | None = None
     tie_word_embeddings: bool = True
@@ -110,36 +100,24 @@ _LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_
 
 
 def tensor_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
-    h, d, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    h = cfg.hidden_size
     shapes = {cfg.prefix + "embed_tokens.weight": (cfg.vocab_size, h), cfg.prefix + "norm.weight": (h,)}
     for i in range(cfg.num_layers):
         p = f"{cfg.prefix}layers.{i}."
         shapes |= {p + n + ".weight": (h,) for n in _LAYER_NORMS}
-        shapes |= {p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                   p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                   p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,),
-                   p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-                   p + "mlp.down_proj.weight": (h, f)}
+        shapes |= attention_shapes(p, cfg, qk_norm=True) | mlp_shapes(p, cfg)
     return shapes
 
 
 def build_weights(cfg: Config, t: Mapping[str, Any]) -> Weights:
-    def layer(i: int) -> Layer:
-        p = f"{cfg.prefix}layers.{i}."
-        a = p + "self_attn."
-        return Layer(
-            attn_norm=t[p + "input_layernorm.weight"],
-            attn=Attention(wq=t[a + "q_proj.weight"], wk=t[a + "k_proj.weight"], wv=t[a + "v_proj.weight"],
-                           wo=t[a + "o_proj.weight"], q_norm=t[a + "q_norm.weight"], k_norm=t[a + "k_norm.weight"]),
-            post_attn_norm=t[p + "post_attention_layernorm.weight"],
-            mlp_norm=t[p + "pre_feedforward_layernorm.weight"],
-            mlp=Mlp(gate=t[p + "mlp.gate_proj.weight"], up=t[p + "mlp.up_proj.weight"],
-                    down=t[p + "mlp.down_proj.weight"]),
-            post_mlp_norm=t[p + "post_feedforward_layernorm.weight"])
+    def layer(p: str) -> Layer:
+        return Layer(attn_norm=t[p + "input_layernorm.weight"], attn=attention_weights(t, p),
+                     post_attn_norm=t[p + "post_attention_layernorm.weight"],
+                     mlp_norm=t[p + "pre_feedforward_layernorm.weight"], mlp=mlp_weights(t, p),
+                     post_mlp_norm=t[p + "post_feedforward_layernorm.weight"])
 
     embed = t[cfg.prefix + "embed_tokens.weight"]
-    return Weights(embed=embed, layers=tuple(layer(i) for i in range(cfg.num_layers)),
+    return Weights(embed=embed, layers=tuple(layer(f"{cfg.prefix}layers.{i}.") for i in range(cfg.num_layers)),
                    norm=t[cfg.prefix + "norm.weight"], lm_head=embed)
 
 

@@ -18,24 +18,14 @@ import jax
 from ferrum_jax.backend import Ops
 from ferrum_jax.cache import KVCache
 from ferrum_jax.errors import ConfigError
-from models.common import Attention, AttnSpec, HFConfig, Mlp, final_logits, self_attention
+from models.common import (Attention, AttnSpec, DecoderConfig, HFConfig, Mlp, attention_shapes, attention_weights,
+                           final_logits, mlp_shapes, mlp_weights, self_attention)
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    architecture: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    max_position_embeddings: int
-    attn: tuple[AttnSpec, ...]  # one per layer
+class Config(DecoderConfig):
     hidden_act: str = "silu"
     qkv_bias: bool = False
     o_bias: bool = False
@@ -102,46 +92,26 @@ class Weights:
 
 def tensor_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> shape that this config implies (the loader checks the checkpoint against it)."""
-    h, d = cfg.hidden_size, cfg.head_dim
-    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    h = cfg.hidden_size
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                   p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                   p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                   p + "mlp.gate_proj.weight": (cfg.intermediate_size, h),
-                   p + "mlp.up_proj.weight": (cfg.intermediate_size, h),
-                   p + "mlp.down_proj.weight": (h, cfg.intermediate_size)}
-        if cfg.qkv_bias:
-            shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                       p + "self_attn.v_proj.bias": (kv,)}
-        if cfg.o_bias:
-            shapes[p + "self_attn.o_proj.bias"] = (h,)
-        if cfg.qk_norm:
-            shapes |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
+        shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+        shapes |= attention_shapes(p, cfg, qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias, qk_norm=cfg.qk_norm)
+        shapes |= mlp_shapes(p, cfg)
     return shapes
 
 
 def build_weights(cfg: Config, t: Mapping[str, Any]) -> Weights:
-    def layer(i: int) -> Layer:
-        p = f"model.layers.{i}."
-        a = p + "self_attn."
-        return Layer(
-            attn_norm=t[p + "input_layernorm.weight"],
-            attn=Attention(wq=t[a + "q_proj.weight"], wk=t[a + "k_proj.weight"], wv=t[a + "v_proj.weight"],
-                           wo=t[a + "o_proj.weight"], bq=t.get(a + "q_proj.bias"), bk=t.get(a + "k_proj.bias"),
-                           bv=t.get(a + "v_proj.bias"), bo=t.get(a + "o_proj.bias"),
-                           q_norm=t.get(a + "q_norm.weight"), k_norm=t.get(a + "k_norm.weight")),
-            mlp_norm=t[p + "post_attention_layernorm.weight"],
-            mlp=Mlp(gate=t[p + "mlp.gate_proj.weight"], up=t[p + "mlp.up_proj.weight"],
-                    down=t[p + "mlp.down_proj.weight"]))
+    def layer(p: str) -> Layer:
+        return Layer(attn_norm=t[p + "input_layernorm.weight"], attn=attention_weights(t, p),
+                     mlp_norm=t[p + "post_attention_layernorm.weight"], mlp=mlp_weights(t, p))
 
     embed = t["model.embed_tokens.weight"]
-    return Weights(embed=embed, layers=tuple(layer(i) for i in range(cfg.num_layers)), norm=t["model.norm.weight"],
-                   lm_head=embed if cfg.tie_word_embeddings else t["lm_head.weight"])
+    return Weights(embed=embed, layers=tuple(layer(f"model.layers.{i}.") for i in range(cfg.num_layers)),
+                   norm=t["model.norm.weight"], lm_head=embed if cfg.tie_word_embeddings else t["lm_head.weight"])
 
 
 def forward(w: Weights, tokens: jax.Array, positions: jax.Array, cache: KVCache, cfg: Config, ops: Ops,
