@@ -1,0 +1,59 @@
+"""Named model shapes with random weights, for benchmarks: the configs of real models (as their
+HF config.json has them) and a weights pytree of that shape drawn on device."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+import models
+from ferrum_jax.errors import ConfigError
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama-3.1-8b": dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
+                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, rms_norm_eps=1e-5, max_position_embeddings=131072,
+                         rope_parameters=_LLAMA3_ROPE),
+    "llama-3.1-70b": dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=8192,
+                          intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                          num_key_value_heads=8, rms_norm_eps=1e-5, max_position_embeddings=131072,
+                          rope_parameters=_LLAMA3_ROPE),
+    "qwen3-8b": dict(architectures=["Qwen3ForCausalLM"], vocab_size=151936, hidden_size=4096,
+                     intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, max_position_embeddings=40960,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "gemma-3-27b": dict(architectures=["Gemma3ForCausalLM"], vocab_size=262208, hidden_size=5376,
+                        intermediate_size=21504, num_hidden_layers=62, num_attention_heads=32,
+                        num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=168, sliding_window=1024,
+                        rms_norm_eps=1e-6, max_position_embeddings=131072, sliding_window_pattern=6,
+                        rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                        rope_scaling={"rope_type": "linear", "factor": 8.0}),
+    "llama-tiny": dict(architectures=["LlamaForCausalLM"], vocab_size=512, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=4096),
+}
+
+
+def shape_config(name: str) -> Any:
+    if name not in SHAPES:
+        raise ConfigError(f"unknown model shape {name!r}; known: {', '.join(SHAPES)}")
+    return models.config_from_hf(SHAPES[name], where=f"shape {name}")
+
+
+def random_weights(cfg: Any, dtype: jnp.dtype = jnp.bfloat16, seed: int = 0) -> Any:
+    """Weights of `cfg`'s shape, N(0, 0.02) (norms 1), drawn on the default device one tensor at a
+    time (so a 16 GB model never needs a host copy)."""
+    family = models.family_of(cfg)
+    key = jax.random.PRNGKey(seed)
+    tensors = {}
+    for i, (name, shape) in enumerate(family.tensor_shapes(cfg).items()):
+        if "norm" in name:
+            tensors[name] = jnp.ones(shape, dtype)
+        else:
+            tensors[name] = (0.02 * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)).astype(dtype)
+    return family.build_weights(cfg, tensors)
