@@ -1,5 +1,5 @@
-"""`ferrum-jax generate | chat`: the command line. Text goes to stdout as it is generated; the
-load / compile / speed summary goes to stderr. Bad input ends with one `error: ...` line, exit 2."""
+"""`ferrum-jax generate | chat | models | bench`: the command line. Text goes to stdout as it is
+generated; the load / compile / speed summary goes to stderr. Bad input ends with one `error: ...` line, exit 2."""
 
 from __future__ import annotations
 
@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(chat, temperature=0.7)
     chat.add_argument("--system", default=None, help="a system message")
     sub.add_parser("models", help="list the model aliases and whether each is installed")
+    bench = sub.add_parser("bench", help="measure decode/prefill speed against the device's ceilings "
+                                         "(see docs/bench.md)")
+    from ferrum_jax.bench import add_arguments as _bench_arguments
+
+    _bench_arguments(bench)
     return parser
 
 
@@ -130,12 +135,20 @@ def _chat(args: argparse.Namespace) -> None:
         print(_summary(model, done.stats, args.verbose), file=sys.stderr)
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from ferrum_jax.bench import run_from_args
+
+    argv = sys.argv[1:] if args.argv is None else args.argv
+    run_from_args(args, argv[1:] if argv[:1] == ["bench"] else argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = None if argv is None else [str(a) for a in argv]
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("ferrum_jax").setLevel(logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING)
     try:
-        {"generate": _generate, "chat": _chat, "models": _models}[args.command](args)
+        {"generate": _generate, "chat": _chat, "models": _models, "bench": _bench}[args.command](args)
     except FerrumError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -76,7 +76,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, 
     """softmax(q k^T * scale) v with a causal (and optional sliding-window) mask, GQA by grouping
     query heads over their kv head (no repeated K/V is materialized)."""
     b, t, h, d = q.shape
-    kv_heads = k.shape[1]
+    kv_heads, out_dtype = k.shape[1], q.dtype
+    if jax.default_backend() == "cpu" and q.dtype != jnp.float32:
+        # XLA's CPU runtime has no batched bf16 x bf16 -> f32 dot ("DotThunk: Unsupported element type").
+        q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
     qg = q.reshape(b, t, kv_heads, h // kv_heads, d)
     scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     if softcap is not None:
@@ -88,7 +91,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, 
     scores = jnp.where(visible[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h, v.shape[-1]).astype(q.dtype)
+    return out.reshape(b, t, h, v.shape[-1]).astype(out_dtype)
 
 
 def _dense_only(x, w, *args, **kwargs) -> str | None:

@@ -323,3 +323,11 @@ def test_cache_and_state_are_donated(tiny_model):
 def test_weights_survive_generate(tiny_model):
     greedy(tiny_model, "Hello", 3)
     assert not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(tiny_model.weights))
+
+
+def test_bfloat16_batch_runs_on_every_platform(tiny_model_dir):
+    """bf16 weights with a batch of 2 (XLA's CPU runtime lacks batched bf16 dots with f32 output;
+    the reference attention must not hit that)."""
+    model = fj.load(tiny_model_dir, dtype="bfloat16", progress=False)
+    outs = fj.generate(model, [[5, 6, 7], [8, 9, 10, 11, 12]], max_tokens=4)
+    assert [len(o.token_ids) for o in outs] == [4, 4] or any(o.finish_reason == "stop" for o in outs)

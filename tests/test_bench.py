@@ -1,0 +1,213 @@
+"""`ferrum-jax bench` on the CPU with the tiny shape: the sweep end to end (JSON keys, zero compiles
+while timing, skipped points, the peer hook with a stand-in peer script), random packed GGUF weights,
+and the `bench` subcommand. Sizes are tiny: this checks the instrument, not the speed."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ferrum_jax
+from ferrum_jax import bench
+from ferrum_jax.cli import main
+from ferrum_jax.quant import GGUFWeight
+from ferrum_jax.shapes import shape_config
+
+TINY = {"shape": "llama-tiny", "dtype": "f32", "batches": (1, 2), "contexts": (32, 8192), "prefill": (16, 8192),
+        "steps": 4, "runs": 2, "copy_bytes": 1 << 20, "matmul_n": 128, "ceiling_reps": 2, "commit": "abc123",
+        "time_budget": None}
+
+FAKE_PEER = textwrap.dedent("""
+    import argparse, json
+    ap = argparse.ArgumentParser()
+    for name in ("--config-json", "--batch", "--context", "--steps", "--prefill", "--dtype", "--device"):
+        ap.add_argument(name)
+    a = ap.parse_args()
+    cfg = json.loads(a.config_json)
+    print("some log line")
+    print(json.dumps({"decode_tokens_per_second": 100.0 * int(a.batch), "prefill_tokens_per_second": 1000.0,
+                      "device": "fake", "torch": "0", "hidden_size": cfg["hidden_size"], "dtype": a.dtype,
+                      "device_arg": a.device}))
+""")
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    peer = tmp / "fake_peer.py"
+    peer.write_text(FAKE_PEER)
+    cfg = bench.BenchConfig(**TINY, peer="torch", peer_script=str(peer), peer_args=("--device", "cpu"), out=str(tmp))
+    result = bench.run_bench(cfg, log=lambda msg: None)
+    return result, tmp
+
+
+def test_sweep_writes_json_with_the_required_keys(sweep):
+    result, tmp = sweep
+    path = tmp / "llama-tiny_f32_cpu.json"
+    assert result["json_path"] == str(path)
+    data = json.loads(path.read_text())
+    for key in ("device", "jax", "jaxlib", "commit", "shape", "config", "dtype", "quant_type", "ceilings", "weights",
+                "decode", "prefill", "ttft", "compile", "memory", "peer", "zero_compiles_after_warmup",
+                "compiles_during_timing_total", "settings", "notes"):
+        assert key in data, key
+    assert data["device"]["kind"] == jax.devices()[0].device_kind
+    assert data["jax"] == jax.__version__
+    assert data["commit"] == "abc123" and data["commit_source"] == "--commit"
+    assert data["shape"] == "llama-tiny" and data["config"]["hidden_size"] == 64 and data["dtype"] == "f32"
+    c = data["ceilings"]
+    assert c["copy_bandwidth_bytes_per_s"] > 0 and c["matmul_bf16_flops_per_s"] > 0 and c["copy_buffer_bytes"] == 1 << 20
+
+    ok = [r for r in data["decode"] if r["status"] == "ok"]
+    assert [(r["batch"], r["context"]) for r in ok] == [(1, 32), (2, 32)]
+    for r in ok:
+        assert r["tokens_per_second"] > 0 and r["steps_done_min"] == 4 and len(r["run_seconds"]) == 2
+        assert r["capacity"] == 32 + 4 + bench.PROMPT_MARGIN
+        assert r["bytes_per_step"] == r["weight_bytes_per_step"] + r["kv_bytes_per_step"]
+        assert r["bandwidth_fraction"] > 0 and r["roofline_fraction"] > 0
+        assert r["dispatch"]["decode_attention"]
+    # Too long for llama-tiny (max_position_embeddings 4096): skipped with a note, not a crash.
+    skipped = [r for r in data["decode"] if r["context"] == 8192]
+    assert len(skipped) == 2 and all(r["status"] == "skipped" and "max_position" in r["note"] for r in skipped)
+
+    pre = {r["length"]: r for r in data["prefill"]}
+    assert pre[16]["status"] == "ok" and pre[16]["tokens_per_second"] > 0 and pre[16]["matmul_peak_fraction"] > 0
+    assert pre[16]["flops"] == bench.prefill_flops(shape_config("llama-tiny"), data["weights"], 16)
+    assert pre[8192]["status"] == "skipped"
+    assert data["ttft"]["prompt_tokens"] == 16 and data["ttft"]["seconds"] == pre[16]["seconds"]
+    assert data["compile"]["cold"]["decode_point"] == [1, 32]
+    assert data["memory"].keys() >= {"peak_bytes_in_use", "bytes_limit"}
+    assert data["weights"]["bytes"] > data["weights"]["bytes_read_per_decode_step"]  # untied embedding not read
+
+
+def test_zero_compiles_while_timing_is_recorded(sweep):
+    result, _ = sweep
+    timed = [r for r in result["decode"] + result["prefill"] if r["status"] == "ok"]
+    assert timed and all(r["compiles_during_timing"] == 0 for r in timed)
+    assert result["compiles_during_timing_total"] == 0 and result["zero_compiles_after_warmup"] is True
+
+
+def test_peer_hook_runs_the_script_and_gives_ratios(sweep):
+    result, _ = sweep
+    peer = result["peer"]
+    assert peer["name"] == "torch" and "error" not in peer
+    assert [(r["batch"], r["context"], r["prefill"]) for r in peer["runs"]] == [(1, 32, 16), (2, 32, 16)]
+    run = peer["runs"][0]
+    assert run["hidden_size"] == 64 and run["dtype"] == "float32" and run["device_arg"] == "cpu"
+    for r in (x for x in result["decode"] if x["status"] == "ok"):
+        assert r["peer_tokens_per_second"] == 100.0 * r["batch"]
+        assert r["ratio_to_peer"] == pytest.approx(r["tokens_per_second"] / r["peer_tokens_per_second"])
+    pre = result["prefill"][0]
+    assert pre["ratio_to_peer"] == pytest.approx(pre["tokens_per_second"] / 1000.0)
+    table = bench.format_table(result)
+    assert "decode b=2 ctx=32" in table and "TTFT 16" in table and "peer torch" in table
+
+
+def test_peer_failures_are_recorded_not_raised(tmp_path):
+    missing = bench.run_peer("torch", {"hidden_size": 1}, [(1, 8, 8)], 4, script=tmp_path / "nope.py")
+    assert "not found" in missing["error"]
+    bad = tmp_path / "bad.py"
+    bad.write_text("import sys; print('boom', file=sys.stderr); sys.exit(3)")
+    out = bench.run_peer("torch", {"hidden_size": 1}, [(1, 8, 8)], 4, script=bad, log=lambda m: None)
+    assert "exit 3" in out["runs"][0]["error"] and "boom" in out["runs"][0]["error"]
+    reported = tmp_path / "reported.py"
+    reported.write_text("import json; print(json.dumps({'decode_tokens_per_second': None, 'error': 'OOM'}))")
+    out = bench.run_peer("torch", {"hidden_size": 1}, [(1, 8, 8)], 4, script=reported, log=lambda m: None)
+    assert out["runs"][0]["error"] == "OOM"
+
+
+@pytest.mark.parametrize("ggml_type", ["Q8_0", "Q4_K"])
+def test_random_gguf_blocks_decode_to_finite_small_values(ggml_type):
+    w = bench.random_gguf_weight(jax.random.PRNGKey(0), ggml_type, (64, 512))
+    assert isinstance(w, GGUFWeight) and w.compute_dtype == "bfloat16"
+    x = np.asarray(w.dequantize(jnp.float32))
+    assert x.shape == (64, 512) and np.isfinite(x).all()
+    assert 0.01 < x.std() < 0.04 and abs(x.mean()) < 0.005
+
+
+@pytest.fixture(scope="module")
+def tiny_q4_k():
+    """llama-tiny with "Q4_K" random packed weights (float32 compute, which the CPU runs at any batch)."""
+    cfg = shape_config("llama-tiny")
+    return cfg, *bench.random_quantized_weights(cfg, "Q4_K", jnp.float32)
+
+
+def test_random_quantized_weights_of_a_shape(tiny_q4_k):
+    cfg, weights, types = tiny_q4_k
+    # llama-tiny's rows (64, 128) are not whole Q4_K blocks (256): every matrix falls back to Q8_0.
+    packed = [x for x in jax.tree_util.tree_leaves(weights, is_leaf=lambda x: isinstance(x, GGUFWeight))
+              if isinstance(x, GGUFWeight)]
+    assert types == {"Q8_0": len(packed)} and len(packed) == 2 + 7 * cfg.num_layers
+    finite = jax.jit(lambda ws: jnp.stack([jnp.isfinite(w.dequantize(jnp.float32)).all() for w in ws]))
+    assert np.asarray(finite(packed)).all()
+    stats = bench.weight_stats(weights)
+    assert all(w.compute_dtype == "float32" for w in packed)
+    assert stats["bytes"] == sum(w.nbytes for w in packed) + 4 * (2 * cfg.num_layers + 1) * cfg.hidden_size
+    assert stats["bytes"] == bench.estimate_weight_bytes(cfg, "q4_k") + 2 * (2 * cfg.num_layers + 1) * cfg.hidden_size
+    with pytest.raises(ferrum_jax.FerrumError, match="unknown quantized type"):
+        bench.random_quantized_weights(cfg, "Q9_9")
+
+
+def test_attention_flops_match_the_causal_formula():
+    cfg = shape_config("llama-3.1-8b")
+    t = 512
+    expected = 2 * 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * t * (t + 1) // 2
+    assert bench.attention_flops_prefill(cfg, t) == expected
+    gemma = shape_config("gemma-3-27b")  # 52 sliding-window layers (1024 keys at most), 10 global ones
+    per_key = 4 * gemma.num_heads * gemma.head_dim
+    local = 1024 * 1025 // 2 + (t - 1024) * 1024 if t > 1024 else t * (t + 1) // 2
+    assert bench.attention_flops_prefill(gemma, t) == per_key * (10 * t * (t + 1) // 2 + 52 * local)
+    t = 8192
+    local = 1024 * 1025 // 2 + (t - 1024) * 1024
+    assert bench.attention_flops_prefill(gemma, t) == per_key * (10 * t * (t + 1) // 2 + 52 * local)
+
+
+def test_cli_bench_runs_the_tiny_case(sweep, tmp_path, capsys):
+    # The same shapes as the sweep fixture: its compiled programs are reused, so this is quick.
+    code = main(["bench", "--shape", "llama-tiny", "--dtype", "f32", "--batch", "1,2", "--context", "32",
+                 "--prefill", "16", "--steps", "4", "--runs", "1", "--copy-bytes", str(1 << 20), "--matmul-n", "128",
+                 "--out", str(tmp_path), "--commit", "deadbeef", "--plot"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "decode b=1 ctx=32" in out and "compiles during timing" in out
+    data = json.loads((tmp_path / "llama-tiny_f32_cpu.json").read_text())
+    assert data["commit"] == "deadbeef" and data["peer"] is None
+    assert data["command"].startswith("ferrum-jax bench --shape llama-tiny")
+    assert data["settings"]["batches"] == [1, 2] and data["settings"]["runs"] == 1
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in err
+    else:
+        assert (tmp_path / "llama-tiny_f32_cpu_decode.png").stat().st_size > 0
+        assert (tmp_path / "llama-tiny_f32_cpu_roofline.png").stat().st_size > 0
+        (tmp_path / "llama-tiny_f32_cpu_decode.png").unlink()
+        assert main(["bench", "--replot", str(tmp_path / "llama-tiny_f32_cpu.json")]) == 0
+        assert (tmp_path / "llama-tiny_f32_cpu_decode.png").is_file()
+
+
+def test_cli_bench_rejects_bad_flags(capsys):
+    assert main(["bench", "--shape", "llama-tiny", "--dtype", "q9_9", "--out", "none"]) == 2
+    assert "--dtype" in capsys.readouterr().err
+    assert main(["bench", "--shape", "no-such-shape", "--out", "none"]) == 2
+    assert "unknown model shape" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--batch", "one"])
+
+
+def test_quantized_decode_runs(tiny_q4_k):
+    """Packed weights through the jitted decode (decoded in the step): all steps run, no recompiles."""
+    cfg, weights, _ = tiny_q4_k
+    rec = bench.bench_decode(weights, cfg, ferrum_jax.DEFAULT_OPS, batch=1, context=16, steps=2, runs=1,
+                             kv_dtype=jnp.float32)
+    assert rec["steps_done_min"] == 2 and rec["compiles_during_timing"] == 0
+    assert rec["dispatch"]["linear"] == "xla_dequant" and np.isfinite(rec["tokens_per_second"])
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
