@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 import models
+from models.common import fuse_projections
 from ferrum_jax.aliases import ALIASES, DEFAULT_MODEL
 from ferrum_jax.aliases import resolve as resolve_alias
 from ferrum_jax.backend import DEFAULT_OPS, Ops
@@ -112,10 +113,10 @@ def load(path: str | Path = DEFAULT_MODEL, *, dtype: str | jnp.dtype | None = "a
         # A file without tokenizer metadata still runs on token ids.
         has_tokenizer = "tokenizer.ggml.model" in metadata.reader.fields
         tokenizer = tokenizer_from_gguf(metadata.reader, str(resolved)) if has_tokenizer else None
-        return Model(cfg, weights, tokenizer, name=name, ops=ops, load_seconds=time.perf_counter() - start)
+        return Model(cfg, fuse_projections(weights), tokenizer, name=name, ops=ops, load_seconds=time.perf_counter() - start)
     cfg = read_config(resolved)
     family = models.family_of(cfg)
     tokenizer = Tokenizer.from_dir(resolved) if (resolved / "tokenizer.json").is_file() else None
     tensors = load_tensors(resolved, family.tensor_shapes(cfg), dtype=resolve_dtype(dtype), progress=progress)
-    weights = family.build_weights(cfg, tensors)
+    weights = fuse_projections(family.build_weights(cfg, tensors))
     return Model(cfg, weights, tokenizer, name=name, ops=ops, load_seconds=time.perf_counter() - start)

@@ -67,8 +67,13 @@ def activation(x: jax.Array, kind: str) -> jax.Array:
 
 
 def gated_mlp(x: jax.Array, w_gate, w_up, w_down, kind: str, *, ops) -> jax.Array:
-    """down(act(gate(x)) * up(x)): SwiGLU for silu, GeGLU for gelu."""
-    return ops.linear(ops.activation(ops.linear(x, w_gate), kind) * ops.linear(x, w_up), w_down)
+    """down(act(gate(x)) * up(x)): SwiGLU for silu, GeGLU for gelu. With w_up None, w_gate is the
+    fused [gate; up] weight (one matmul, split in halves)."""
+    if w_up is None:
+        gate, up = jnp.split(ops.linear(x, w_gate), 2, axis=-1)
+    else:
+        gate, up = ops.linear(x, w_gate), ops.linear(x, w_up)
+    return ops.linear(ops.activation(gate, kind) * up, w_down)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 import models
+from models.common import fuse_projections
 from ferrum_jax.errors import ConfigError
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -56,4 +57,4 @@ def random_weights(cfg: Any, dtype: jnp.dtype = jnp.bfloat16, seed: int = 0) -> 
             tensors[name] = jnp.ones(shape, dtype)
         else:
             tensors[name] = (0.02 * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)).astype(dtype)
-    return family.build_weights(cfg, tensors)
+    return fuse_projections(family.build_weights(cfg, tensors))  # as `load` does

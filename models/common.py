@@ -21,9 +21,9 @@ Array = Any  # a dense jax.Array or a packed quantized weight pytree
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Attention:
-    wq: Array
-    wk: Array
-    wv: Array
+    wq: Array | None  # None once fused into wqkv
+    wk: Array | None
+    wv: Array | None
     wo: Array
     bq: Array | None = None
     bk: Array | None = None
@@ -31,14 +31,38 @@ class Attention:
     bo: Array | None = None
     q_norm: Array | None = None  # per-head RMSNorm of queries and keys (Qwen3, Gemma 3)
     k_norm: Array | None = None
+    wqkv: Array | None = None  # [q; k; v] stacked along out_features: one matmul instead of three
+    bqkv: Array | None = None
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Mlp:
-    gate: Array
-    up: Array
+    gate: Array  # [gate; up] stacked along out_features once fused (then `up` is None)
+    up: Array | None
     down: Array
+
+
+def fuse_projections(weights: Any) -> Any:
+    """Stack q/k/v (and their biases) and gate/up into single weights, once at load time, so a
+    decode step runs one larger matmul instead of several small ones (fewer kernels, better memory
+    streaming). Only dense weights of one dtype are fused; packed quantized weights stay apart."""
+    def dense(*arrays) -> bool:
+        return all(isinstance(a, jax.Array) for a in arrays) and len({a.dtype for a in arrays}) == 1
+
+    def fuse(node: Any) -> Any:
+        if isinstance(node, Attention) and node.wqkv is None and dense(node.wq, node.wk, node.wv):
+            biases = (node.bq, node.bk, node.bv)
+            bqkv = jnp.concatenate(biases) if all(b is not None for b in biases) else None
+            if bqkv is None and any(b is not None for b in biases):
+                return node
+            return dataclasses.replace(node, wq=None, wk=None, wv=None, bq=None, bk=None, bv=None,
+                                       wqkv=jnp.concatenate([node.wq, node.wk, node.wv]), bqkv=bqkv)
+        if isinstance(node, Mlp) and node.up is not None and dense(node.gate, node.up):
+            return Mlp(gate=jnp.concatenate([node.gate, node.up]), up=None, down=node.down)
+        return node
+
+    return jax.tree_util.tree_map(fuse, weights, is_leaf=lambda n: isinstance(n, (Attention, Mlp)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,9 +135,15 @@ def self_attention(p: Attention, x: jax.Array, positions: jax.Array, cache: KVCa
     """Project, (q/k-norm), rotate, store K/V in the cache at `positions`, attend over the first
     `kv_len` cache slots (all of them when None), project out."""
     b, t, _ = x.shape
-    q = ops.linear(x, p.wq, p.bq).reshape(b, t, spec.num_heads, spec.head_dim)
-    k = ops.linear(x, p.wk, p.bk).reshape(b, t, spec.num_kv_heads, spec.head_dim)
-    v = ops.linear(x, p.wv, p.bv).reshape(b, t, spec.num_kv_heads, spec.head_dim)
+    q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    if p.wqkv is not None:
+        qkv = ops.linear(x, p.wqkv, p.bqkv)
+        q, k, v = qkv[..., :q_size], qkv[..., q_size:q_size + kv_size], qkv[..., q_size + kv_size:]
+    else:
+        q, k, v = ops.linear(x, p.wq, p.bq), ops.linear(x, p.wk, p.bk), ops.linear(x, p.wv, p.bv)
+    q = q.reshape(b, t, spec.num_heads, spec.head_dim)
+    k = k.reshape(b, t, spec.num_kv_heads, spec.head_dim)
+    v = v.reshape(b, t, spec.num_kv_heads, spec.head_dim)
     if p.q_norm is not None:
         q = ops.rms_norm(q, p.q_norm, eps=spec.norm_eps, offset=spec.norm_offset)
         k = ops.rms_norm(k, p.k_norm, eps=spec.norm_eps, offset=spec.norm_offset)
