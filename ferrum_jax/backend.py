@@ -159,10 +159,12 @@ class Ops:
         return self.call("gated_mlp", x, w_gate, w_up, w_down, kind, ops=self)
 
     def attention(self, q, k, v, q_positions, kv_positions, *, scale: float, window: int | None = None,
-                  softcap: float | None = None):
-        """Prefill-shaped attention (many query tokens)."""
+                  softcap: float | None = None, causal_from_zero: bool = False):
+        """Prefill-shaped attention (many query tokens). `causal_from_zero` promises that queries and
+        keys are the same tokens at positions 0..T-1 (a prefill into an empty cache), so an
+        implementation may use a plain causal mask instead of the positions."""
         return self.call("attention", q, k, v, q_positions, kv_positions, scale=scale, window=window,
-                         softcap=softcap)
+                         softcap=softcap, causal_from_zero=causal_from_zero)
 
     def decode_attention(self, q, k, v, q_positions, kv_positions, *, scale: float, window: int | None = None,
                          softcap: float | None = None):

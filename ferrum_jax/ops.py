@@ -77,9 +77,11 @@ def gated_mlp(x: jax.Array, w_gate, w_up, w_down, kind: str, *, ops) -> jax.Arra
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
-              *, scale: float, window: int | None = None, softcap: float | None = None) -> jax.Array:
+              *, scale: float, window: int | None = None, softcap: float | None = None,
+              causal_from_zero: bool = False) -> jax.Array:
     """softmax(q k^T * scale) v with a causal (and optional sliding-window) mask, GQA by grouping
-    query heads over their kv head (no repeated K/V is materialized)."""
+    query heads over their kv head (no repeated K/V is materialized). The reference always masks
+    by the positions; `causal_from_zero` is only a hint for faster paths."""
     b, t, h, d = q.shape
     kv_heads, out_dtype = k.shape[1], q.dtype
     if jax.default_backend() == "cpu" and q.dtype != jnp.float32:
@@ -102,6 +104,32 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, 
 def _dense_only(x, w, *args, **kwargs) -> str | None:
     return None if isinstance(w, jax.Array) else f"weight is {type(w).__name__}, not a dense array"
 
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
+                    *, scale: float, window: int | None = None, softcap: float | None = None,
+                    causal_from_zero: bool = False) -> jax.Array:
+    """cuDNN's fused flash attention (through jax.nn.dot_product_attention) for a prefill into an
+    empty cache: a plain causal mask, GQA handled by cuDNN, no [T, T] scores in memory."""
+    k, v = (jnp.swapaxes(a, 1, 2) for a in (k, v))  # cache layout -> [batch, kv_len, kv_heads, head_dim]
+    local = None if window is None else (window - 1, 0)  # visible when q - k < window
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=local,
+                                        implementation="cudnn")
+
+
+def _cudnn_applies(q, k, v, q_positions, kv_positions, *, scale, window=None, softcap=None,
+                   causal_from_zero=False) -> str | None:
+    if not causal_from_zero:
+        return "not a prefill into an empty cache"
+    if softcap is not None:
+        return "logit soft-capping"
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype:
+        return f"dtype {q.dtype}"
+    if q.shape[-1] not in (64, 128) or q.shape[1] != k.shape[2]:
+        return f"head_dim {q.shape[-1]} / query and key lengths {q.shape[1]}, {k.shape[2]}"
+    return None
+
+
+register("attention", Impl("cudnn", cudnn_attention, platforms=frozenset({"gpu"}), applies=_cudnn_applies))
 
 for _op, _fn, _applies in [
     ("embed", embed, lambda tokens, table: _dense_only(tokens, table)),

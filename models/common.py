@@ -152,9 +152,12 @@ def self_attention(p: Attention, x: jax.Array, positions: jax.Array, cache: KVCa
     kv_len = kv_len or cache.capacity
     keys, values = cache.k[layer][:, :, :kv_len], cache.v[layer][:, :, :kv_len]
     kv_positions = jnp.broadcast_to(jnp.arange(kv_len, dtype=jnp.int32), (b, kv_len))
-    attend = ops.decode_attention if t == 1 else ops.attention
-    out = attend(q, keys, values, positions, kv_positions, scale=spec.scale, window=spec.window,
-                 softcap=spec.softcap)
+    if t == 1:
+        out = ops.decode_attention(q, keys, values, positions, kv_positions, scale=spec.scale, window=spec.window,
+                                   softcap=spec.softcap)
+    else:  # kv_len == t only in a prefill of whole prompts (positions 0..t-1) into an empty cache
+        out = ops.attention(q, keys, values, positions, kv_positions, scale=spec.scale, window=spec.window,
+                            softcap=spec.softcap, causal_from_zero=kv_len == t)
     return ops.linear(out.reshape(b, t, -1), p.wo, p.bo), cache
 
 
