@@ -401,11 +401,14 @@ def _llamacpp_summary(r: dict) -> dict:
 def git_info() -> dict:
     def git(*args):
         return subprocess.run(["git", "--no-optional-locks", *args], cwd=ROOT, capture_output=True,
-                              text=True, check=False).stdout.strip()
+                              text=True, check=False).stdout
 
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status),
-            "modified_tracked_files": [line[3:] for line in status.splitlines()]}
+    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines() if line]
+    ours = [f for f in changed if f.startswith("bench/results/cpu_")]  # what this script (re)writes
+    others = [f for f in changed if f not in ours]
+    return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(others),
+            "modified_tracked_files": others, "modified_own_result_files": ours,
+            "note": "taken when the benchmark started; 'dirty' ignores bench/results/cpu_*.json"}
 
 
 def bench_model(name: str, layouts: list[str], args, common: dict) -> dict:
