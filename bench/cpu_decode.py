@@ -35,7 +35,7 @@ The machine may be shared: the load average, and the CPU time other processes us
 timed phase (from /proc/stat, minus our own), are recorded; --wait-idle waits (up to the given
 seconds) for the 1-minute load average to drop below --idle-below (0.5) before starting.
 
-Writes bench/results/cpu_<model>.json and prints a table. Not run by CI. From the repo root:
+Writes bench/results/cpu_<model>.json (cpu_<model>_<tag>.json with --tag) and prints a table. Not run by CI. From the repo root:
 
     python bench/cpu_decode.py                    # both models, both layouts, llama.cpp re-run
     python bench/cpu_decode.py smollm2-135m --layouts dequantized --no-llamacpp
@@ -395,6 +395,7 @@ def _llamacpp_summary(r: dict) -> dict:
                               "timestamp_utc") if k in r} | {
         "prompt_tokens": r["settings"]["prompt_tokens"], "decode_tokens": r["settings"]["decode_tokens"],
         "llama_cpp_python_version": r.get("llama_cpp_python_version"),
+        "decode_tok_s_runs": [round(x["decode_tok_s"], 3) for x in r.get("runs", [])],
         "machine_during": r.get("machine_during")}
 
 
@@ -544,6 +545,7 @@ def main() -> None:
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                    help="first wait up to this long for the 1-minute load average to fall below --idle-below")
     p.add_argument("--idle-below", type=float, default=0.5, metavar="LOAD")
+    p.add_argument("--tag", default="", help="write cpu_<model>_<tag>.json instead (e.g. for extra layouts)")
     args = p.parse_args()
     models = args.models or MODELS
     unknown = [m for m in models if m not in MODELS]
@@ -563,7 +565,7 @@ def main() -> None:
     for name in models:
         r = bench_model(name, args.layouts, args, common)
         r["loadavg_bench_end_of_this_model"] = loadavg()
-        out = RESULTS / f"cpu_{name}.json"
+        out = RESULTS / f"cpu_{name}{'_' + args.tag if args.tag else ''}.json"
         out.write_text(json.dumps(r, indent=2) + "\n")
         print(f"[{name}] -> {out.relative_to(ROOT)}", file=sys.stderr)
         results.append(r)

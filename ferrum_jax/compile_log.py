@@ -16,7 +16,7 @@ _BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 _TRACE = "/jax/core/compile/jaxpr_trace_duration"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # compared by identity: nested logs must not remove each other
 class CompileLog:
     compiles: int = 0  # XLA backend compilations
     traces: int = 0  # Python traces of jitted functions

@@ -331,3 +331,11 @@ def test_bfloat16_batch_runs_on_every_platform(tiny_model_dir):
     model = fj.load(tiny_model_dir, dtype="bfloat16", progress=False)
     outs = fj.generate(model, [[5, 6, 7], [8, 9, 10, 11, 12]], max_tokens=4)
     assert [len(o.token_ids) for o in outs] == [4, 4] or any(o.finish_reason == "stop" for o in outs)
+
+
+def test_count_compiles_nests():
+    with count_compiles() as outer:
+        with count_compiles() as inner:
+            jax.jit(lambda x: x * 3 + 1)(jnp.arange(5.0)).block_until_ready()
+        jax.jit(lambda x: x * 5 - 2)(jnp.arange(7.0)).block_until_ready()
+    assert inner.compiles == 1 and outer.compiles == 2
