@@ -334,8 +334,9 @@ def test_bfloat16_batch_runs_on_every_platform(tiny_model_dir):
 
 
 def test_count_compiles_nests():
+    a, b = jnp.arange(5.0).block_until_ready(), jnp.arange(7.0).block_until_ready()
     with count_compiles() as outer:
         with count_compiles() as inner:
-            jax.jit(lambda x: x * 3 + 1)(jnp.arange(5.0)).block_until_ready()
-        jax.jit(lambda x: x * 5 - 2)(jnp.arange(7.0)).block_until_ready()
+            jax.jit(lambda x: x * 3 + 1)(a).block_until_ready()
+        jax.jit(lambda x: x * 5 - 2)(b).block_until_ready()
     assert inner.compiles == 1 and outer.compiles == 2
