@@ -1,0 +1,155 @@
+"""Weights for the benchmark: random packed GGUF blocks of one type (dense random weights come from
+`ferrum_jax.shapes.random_weights`), their byte and parameter counts, and the bytes of a shape's
+weights before drawing them."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import models
+from ferrum_jax.errors import ConfigError
+from ferrum_jax.quant.gguf_blocks import LAYOUTS
+from ferrum_jax.quant.packed import GGUFWeight
+
+DENSE_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "f16": "float16", "float16": "float16",
+                "f32": "float32", "float32": "float32"}
+
+# Random GGUF blocks: every byte random except the f16 scale fields, set to these values so that a
+# decoded weight has mean ~0 and standard deviation ~0.02 (like `shapes.random_weights`). The
+# "mins" (m, dmin) cancel the mean of the unsigned codes.
+QUANT_SCALES: dict[str, dict[str, float]] = {
+    "Q8_0": {"d": 2.7e-4},
+    "Q4_0": {"d": 4.3e-3},
+    "Q4_1": {"d": 4.3e-3, "m": -7.5 * 4.3e-3},
+    "Q5_0": {"d": 2.2e-3},
+    "Q5_1": {"d": 2.2e-3, "m": -15.5 * 2.2e-3},
+    "Q2_K": {"d": 1.4e-3, "dmin": 1.5 * 1.4e-3},
+    "Q3_K": {"d": 4.7e-4},
+    "Q4_K": {"d": 7.7e-5, "dmin": 7.5 * 7.7e-5},
+    "Q5_K": {"d": 3.8e-5, "dmin": 15.5 * 3.8e-5},
+    "Q6_K": {"d": 1.5e-5},
+}
+# A weight whose row length is not a multiple of the chosen type's block is stored in the first
+# of these whose block divides it (as llama.cpp's quantizer falls back), else dense.
+QUANT_FALLBACKS = ("Q8_0",)
+
+
+@partial(jax.jit, static_argnames=("ggml_type", "shape"))
+def _random_blocks(key: jax.Array, ggml_type: str, shape: tuple[int, ...]) -> jax.Array:
+    layout = LAYOUTS[ggml_type]
+    n_blocks = shape[-1] // layout.block_size
+    data = jax.random.bits(key, (*shape[:-1], n_blocks, layout.type_size), jnp.uint8)
+    for name, value in QUANT_SCALES[ggml_type].items():
+        f = layout.field(name)
+        raw = np.frombuffer(np.float16(value).tobytes(), np.uint8)  # little-endian f16
+        data = data.at[..., f.offset: f.offset + f.size].set(jnp.asarray(raw))
+    return data.reshape(*shape[:-1], n_blocks * layout.type_size)
+
+
+def random_gguf_weight(key: jax.Array, ggml_type: str, shape: tuple[int, ...],
+                       compute_dtype: Any = jnp.bfloat16) -> GGUFWeight:
+    """A packed GGUF weight of logical `shape`: random block bytes with finite f16 scale fields
+    (QUANT_SCALES), so it decodes to finite values of mean ~0 and std ~0.02."""
+    ggml_type = ggml_type.upper()
+    if ggml_type not in QUANT_SCALES:
+        raise ConfigError(f"no random-weight recipe for ggml type {ggml_type}; choose one of {', '.join(QUANT_SCALES)}")
+    shape = tuple(int(s) for s in shape)
+    GGUFWeight.byte_shape(ggml_type, shape)  # the last dim must be whole blocks
+    return GGUFWeight(_random_blocks(key, ggml_type, shape), ggml_type, shape, jnp.dtype(compute_dtype).name)
+
+
+def _type_for(ggml_type: str, cols: int) -> str | None:
+    for t in (ggml_type, *QUANT_FALLBACKS):
+        if cols % LAYOUTS[t].block_size == 0:
+            return t
+    return None
+
+
+def random_quantized_weights(cfg: Any, ggml_type: str = "Q4_K", compute_dtype: Any = jnp.bfloat16, seed: int = 0
+                             ) -> tuple[Any, dict[str, int]]:
+    """Weights of `cfg`'s shape with every 2-D tensor (embedding, projections, lm_head) a random
+    packed GGUFWeight of `ggml_type` (decoded to `compute_dtype` inside the jitted step, as the
+    loader's packed weights are); norms are ones and biases N(0, 0.02) in `compute_dtype`. A tensor
+    whose row length is not a multiple of the block falls back to Q8_0, else stays dense.
+    Returns (weights, {storage type: tensor count})."""
+    ggml_type = ggml_type.upper()
+    if ggml_type not in QUANT_SCALES:
+        raise ConfigError(f"unknown quantized type {ggml_type!r}; choose one of {', '.join(QUANT_SCALES)}")
+    family = models.family_of(cfg)
+    key = jax.random.PRNGKey(seed)
+    tensors, types = {}, {}
+    for i, (name, shape) in enumerate(family.tensor_shapes(cfg).items()):
+        k = jax.random.fold_in(key, i)
+        if len(shape) == 2 and (t := _type_for(ggml_type, shape[-1])) is not None:
+            tensors[name] = random_gguf_weight(k, t, shape, compute_dtype)
+            types[t] = types.get(t, 0) + 1
+        elif "norm" in name:
+            tensors[name] = jnp.ones(shape, compute_dtype)
+        else:
+            tensors[name] = (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(compute_dtype)
+            if len(shape) == 2:
+                types["dense"] = types.get("dense", 0) + 1
+    return family.build_weights(cfg, tensors), types
+
+
+def _is_weight_leaf(x: Any) -> bool:
+    return isinstance(x, GGUFWeight)
+
+
+def _unique(tree: Any) -> list:
+    seen, out = set(), []
+    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=_is_weight_leaf):
+        if id(leaf) not in seen:
+            seen.add(id(leaf))
+            out.append(leaf)
+    return out
+
+
+def _nbytes(leaf: Any) -> int:
+    return int(leaf.nbytes) if isinstance(leaf, GGUFWeight) else int(leaf.size * leaf.dtype.itemsize)
+
+
+def _numel(leaf: Any) -> int:
+    return math.prod(leaf.shape)
+
+
+def weight_stats(weights: Any) -> dict[str, int]:
+    """Bytes (unique leaves; packed bytes for GGUF weights) and matmul parameters.
+
+    bytes_read_per_decode_step: every weight except an untied embedding table, of which a decode
+    step only gathers a few rows. matmul_params_per_token: 2-D weights of the layers (each token
+    goes through all of them). lm_head_params: the vocabulary projection (prefill applies it at one
+    position only)."""
+    leaves = _unique(weights)
+    total = sum(_nbytes(x) for x in leaves)
+    embed = getattr(weights, "embed", None)
+    head = getattr(weights, "lm_head", None)
+    head_ids = {id(x) for x in _unique(head)} if head is not None else set()
+    embed_leaves = [x for x in _unique(embed) if id(x) not in head_ids] if embed is not None else []
+    layers = getattr(weights, "layers", weights)
+    return {
+        "bytes": total,
+        "bytes_read_per_decode_step": total - sum(_nbytes(x) for x in embed_leaves),
+        "embedding_bytes_not_read": sum(_nbytes(x) for x in embed_leaves),
+        "params": sum(_numel(x) for x in leaves),
+        "matmul_params_per_token": sum(_numel(x) for x in _unique(layers) if len(x.shape) == 2),
+        "lm_head_params": sum(_numel(x) for x in _unique(head)) if head is not None else 0,
+    }
+
+
+def estimate_weight_bytes(cfg: Any, dtype: str = "bf16") -> int:
+    """Device bytes of `cfg`'s random weights in `dtype` (a dense dtype or a GGUF type), before
+    drawing them."""
+    d = dtype.lower()
+    itemsize = jnp.dtype(DENSE_DTYPES.get(d, "bfloat16")).itemsize
+    total = 0
+    for shape in models.family_of(cfg).tensor_shapes(cfg).values():
+        t = _type_for(d.upper(), shape[-1]) if d not in DENSE_DTYPES and len(shape) == 2 else None
+        total += math.prod(shape[:-1]) * LAYOUTS[t].bytes_per_row(shape[-1]) if t else math.prod(shape) * itemsize
+    return total
