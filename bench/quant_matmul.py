@@ -57,13 +57,15 @@ def random_weight(fmt: QFormat, n: int, k: int, key: jax.Array) -> QuantWeight:
                                   super_scales=sup, super_offsets=sup_off, compute_dtype="bfloat16")
 
 
-def _median_seconds(fn, args, reps: int = 7) -> float:
+def _median_seconds(fn, args, reps: int = 7, inner: int = 5) -> float:
+    """Median over reps of the time per call, `inner` calls queued back to back (no host gaps)."""
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
+        out = [fn(*args) for _ in range(inner)]
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / inner)
     return statistics.median(times)
 
 
@@ -85,10 +87,10 @@ def check(args) -> None:
         for shape_name in args.shapes:
             n, k = SHAPES[shape_name]
             w = random_weight(fmt, n, k, jax.random.fold_in(key, n + k))
-            cfg = qm.choose_config(w, 1)
+            cfg = qm.choose_config(w, 1, args.variant)
             for m in (1, 3, 8, 16):
                 x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.float32)
-                got = np.asarray(qm.qmatmul(x, w, config=qm.choose_config(w, m)), np.float64)
+                got = np.asarray(qm.qmatmul(x, w, config=qm.choose_config(w, m, args.variant)), np.float64)
                 want = np.asarray(x, np.float64) @ np.asarray(w.dequantize(jnp.float32), np.float64).T
                 err = np.linalg.norm(got - want) / np.linalg.norm(want)
                 worst = max(worst, err)
@@ -113,7 +115,7 @@ def sweep(args) -> list[dict]:
             x = jax.random.normal(key, (1, k), jnp.bfloat16)
             best = None
             for bn, bk, sk, nw, ns in itertools.product(args.block_n, args.block_k, args.split_k, args.warps, args.stages):
-                cfg = qm.GemvConfig(bn, bk, sk, nw, ns)
+                cfg = qm.GemvConfig(args.variant, 16, bn, bk, sk, nw, ns)
                 if qm.unsupported(x, ws[0], cfg) is not None:
                     continue
                 try:
@@ -149,8 +151,8 @@ def bench(args) -> dict:
                 ws = [w0] + [random_weight(fmt, n, k, jax.random.fold_in(key, i)) for i in range(1, ncopy)]
                 x = jax.random.normal(key, (m, k), jnp.bfloat16)
                 row = dict(format=name, shape=shape_name, n=n, k=k, m=m, weight_bytes=nbytes)
-                cfg = qm.choose_config(ws[0], m)
-                if m <= qm.MAX_ROWS and qm.unsupported(x, ws[0], cfg) is None:
+                cfg = qm.choose_config(ws[0], m, args.variant)
+                if (args.variant == "dot" or m <= qm.MAX_ROWS) and qm.unsupported(x, ws[0], cfg) is None:
                     t = time_per_call(lambda x, w: qm.qmatmul(x, w, config=cfg), x, ws)
                     row["kernel"] = dict(seconds=t, bw_fraction=nbytes / t / bw, config=cfg.__dict__)
                 t = time_per_call(lambda x, w: jnp.einsum("mk,nk->mn", x, w.dequantize(x.dtype)), x, ws)
@@ -183,6 +185,7 @@ def main() -> None:
     p.add_argument("--split-k", nargs="+", type=int, default=[1, 2, 4])
     p.add_argument("--warps", nargs="+", type=int, default=[4, 8])
     p.add_argument("--stages", nargs="+", type=int, default=[3])
+    p.add_argument("--variant", default="dot", choices=["dot", "fma"])
     p.add_argument("--out", default=None, help="write a JSON file here")
     p.add_argument("--commit", default=None)
     args = p.parse_args()

@@ -40,6 +40,8 @@ MAGIC = 0x4B000000  # float32 2^23: OR-ing an integer below 2^23 into its mantis
 
 @dataclasses.dataclass(frozen=True)
 class GemvConfig:
+    variant: str = "dot"  # "dot": dequantize a tile to x's dtype, tensor-core dot; "fma": grouped sums
+    block_m: int = 16  # rows of x per program ("dot"; "fma" takes all rows at once)
     block_n: int = 32  # output rows per program
     block_k: int = 1024  # inputs per loop step (a whole number of groups and super-blocks)
     split_k: int = 1  # slices of the inputs run by separate programs
@@ -51,18 +53,20 @@ MAX_ROWS = 16  # rows of x the kernel unrolls; more rows take the dequantize-onc
 TARGET_PROGRAMS = 264  # split K until there are about this many programs (2 per H100/H200 SM)
 
 
-def choose_config(w: QuantWeight, m_rows: int) -> GemvConfig:
-    """Block sizes for this weight: the widest K step that divides the inputs, and split-K until the
-    grid has TARGET_PROGRAMS programs."""
+def choose_config(w: QuantWeight, m_rows: int, variant: str = "dot") -> GemvConfig:
+    """Block sizes for this weight and row count: the widest K step that divides the inputs, and
+    split-K until the grid has TARGET_PROGRAMS programs."""
     f = w.fmt
     k = w.shape[1]
     unit = max(f.group, f.super_group)
-    block_n = 32
+    block_m = 16 if m_rows <= 16 else 32 if m_rows <= 32 else 64
+    block_n = 32 if m_rows <= 32 else 64
     block_k = next((bk for bk in (1024, 512, 256, 128, 64, 32, 16) if bk >= unit and k % bk == 0), unit)
+    m_blocks = -(-m_rows // block_m) if variant == "dot" else 1
     split_k = 1
-    while (w.lo.shape[0] // block_n) * split_k < TARGET_PROGRAMS and k % (block_k * split_k * 2) == 0:
+    while (w.lo.shape[0] // block_n) * m_blocks * split_k < TARGET_PROGRAMS and k % (block_k * split_k * 2) == 0:
         split_k *= 2
-    return GemvConfig(block_n=block_n, block_k=block_k, split_k=split_k)
+    return GemvConfig(variant=variant, block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k)
 
 
 def reference(x: jax.Array, w: QuantWeight) -> jax.Array:
@@ -167,6 +171,64 @@ def _kernel(*refs, f, present: tuple[bool, ...], m_rows: int, ng: int, steps: in
         o_ref[0, m, :] = accs[m]
 
 
+def _dot_kernel(*refs, f, present: tuple[bool, ...], ng: int, steps: int, dot_dtype):
+    """acc[BM, BN] += x_tile @ dequantize(w_tile)^T, one dot per unpacked field."""
+    has_hi, has_ss, has_of, has_so = present
+    a_fields, b_fields, wd = f.split
+    hb = f.bits - 4
+    it = iter(refs)
+    x_ref, lo_ref = next(it), next(it)
+    hi_ref = next(it) if has_hi else None
+    sc_ref = next(it)
+    ss_ref = next(it) if has_ss else None
+    of_ref = next(it) if has_of else None
+    so_ref = next(it) if has_so else None
+    o_ref = next(it)
+    block_m, block_n = x_ref.shape[0], lo_ref.shape[0]
+    r = f.sub_per_super
+    g_base = pl.program_id(2) * steps * ng
+
+    def expand(v):  # [block_n, ng / r] -> [block_n, ng]: each super-block value over its groups
+        return jnp.broadcast_to(v[:, :, None], (block_n, ng // r, r)).reshape(block_n, ng)
+
+    def step(t, acc):
+        g0 = g_base + t * ng
+        s = sc_ref[:, pl.ds(g0, ng)].astype(jnp.float32)
+        if ss_ref is not None:
+            s = s * expand(ss_ref[:, pl.ds(g0 // r, ng // r)].astype(jnp.float32))
+        o = None
+        if f.offset == "const":
+            o = f.const * s
+        elif f.offset == "zero":
+            o = of_ref[:, pl.ds(g0, ng)].astype(jnp.float32) * s
+        elif f.offset == "min":
+            o = -of_ref[:, pl.ds(g0, ng)].astype(jnp.float32)
+        elif f.offset == "kmin":
+            o = expand(so_ref[:, pl.ds(g0 // r, ng // r)].astype(jnp.float32)) * of_ref[:, pl.ds(g0, ng)].astype(jnp.float32)
+        for b in range(b_fields):
+            lo = lo_ref[:, pl.ds(g0, ng), b, :].astype(jnp.int32)  # [block_n, ng, W]
+            hi = hi_ref[:, pl.ds(g0, ng), :].astype(jnp.int32) if hi_ref is not None else None
+            for a in range(a_fields):
+                if f.bits == 8:
+                    qf = lo.astype(jnp.float32)
+                else:
+                    q = (lo >> (4 * a)) & 15
+                    if hi is not None:
+                        q = q | (((hi >> (hb * (a * b_fields + b))) & ((1 << hb) - 1)) << 4)
+                    qf = _to_float(q)
+                w = qf * s[:, :, None]
+                if o is not None:
+                    w = w - o[:, :, None]
+                w = w.astype(dot_dtype).reshape(block_n, ng * wd)
+                xa = x_ref[:, pl.ds(g0, ng), a, b, :].reshape(block_m, ng * wd)
+                acc = acc + pl.dot(xa, w, trans_b=True,
+                                   precision=lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None)
+        return acc
+
+    acc = lax.fori_loop(0, steps, step, jnp.zeros((block_m, block_n), jnp.float32))
+    o_ref[0] = acc
+
+
 @partial(jax.jit, static_argnames=("config", "interpret"))
 def qmatmul(x: jax.Array, w: QuantWeight, *, config: GemvConfig = GemvConfig(), interpret: bool = False) -> jax.Array:
     """x [..., K] @ W^T -> [..., N] in x's dtype, for a few rows of x (decode). See the module doc."""
@@ -187,6 +249,32 @@ def qmatmul(x: jax.Array, w: QuantWeight, *, config: GemvConfig = GemvConfig(), 
     steps = groups // (ng * config.split_k)
     needs_xsum = f.offset != "none"
     bn = config.block_n
+    present = tuple(leaf is not None for leaf in (w.hi, w.super_scales, w.offsets, w.super_offsets))
+    leaves = [leaf for leaf in (w.lo, w.hi, w.scales, w.super_scales, w.offsets, w.super_offsets) if leaf is not None]
+    params = {}
+    if not interpret:
+        from jax.experimental.pallas import triton as pl_triton
+        params["compiler_params"] = pl_triton.CompilerParams(num_warps=config.num_warps,
+                                                             num_stages=config.num_stages)
+    if config.variant == "dot":
+        dot_dtype = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
+        bm = config.block_m
+        m_pad = -(-m_rows // bm) * bm
+        xd = jnp.pad(x2, ((0, m_pad - m_rows), (0, 0))).astype(dot_dtype).reshape(m_pad, groups, a, b, wd)
+        in_specs = [pl.BlockSpec((bm, groups, a, b, wd), lambda i, j, s: (j, 0, 0, 0, 0))]
+        in_specs += [pl.BlockSpec((bn, *leaf.shape[1:]), lambda i, j, s, nd=leaf.ndim: (i,) + (0,) * (nd - 1))
+                     for leaf in leaves]
+        out = pl.pallas_call(
+            partial(_dot_kernel, f=f, present=present, ng=ng, steps=steps, dot_dtype=dot_dtype),
+            out_shape=jax.ShapeDtypeStruct((config.split_k, m_pad, n_pad), jnp.float32),
+            grid=(n_pad // bn, m_pad // bm, config.split_k),
+            in_specs=in_specs,
+            out_specs=pl.BlockSpec((1, bm, bn), lambda i, j, s: (s, j, i)),
+            interpret=interpret,
+            **params,
+        )(xd, *leaves)
+        y = jnp.sum(out, axis=0)[:m_rows, :n]
+        return y.reshape(*lead, n).astype(x.dtype)
 
     whole = lambda arr: pl.BlockSpec(arr.shape, lambda i, s: (0,) * arr.ndim)
     rows = lambda arr: pl.BlockSpec((bn, *arr.shape[1:]), lambda i, s: (i,) + (0,) * (arr.ndim - 1))
@@ -194,17 +282,10 @@ def qmatmul(x: jax.Array, w: QuantWeight, *, config: GemvConfig = GemvConfig(), 
     if needs_xsum:
         args.append(jnp.sum(x2.reshape(m_rows, groups, f.group), axis=2))
     specs = [whole(arg) for arg in args]
-    for leaf in (w.lo, w.hi, w.scales, w.super_scales, w.offsets, w.super_offsets):
-        if leaf is not None:
-            args.append(leaf)
-            specs.append(rows(leaf))
-    present = tuple(leaf is not None for leaf in (w.hi, w.super_scales, w.offsets, w.super_offsets))
+    for leaf in leaves:
+        args.append(leaf)
+        specs.append(rows(leaf))
     kernel = partial(_kernel, f=f, present=present, m_rows=m_rows, ng=ng, steps=steps, needs_xsum=needs_xsum)
-    params = {}
-    if not interpret:
-        from jax.experimental.pallas import triton as pl_triton
-        params["compiler_params"] = pl_triton.CompilerParams(num_warps=config.num_warps,
-                                                             num_stages=config.num_stages)
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((config.split_k, m_rows, n_pad), jnp.float32),
