@@ -13,8 +13,10 @@ from ferrum_jax.errors import FerrumError
 from ferrum_jax.generate import Completion, Generation, decode, generate, logits, prefill, stream
 from ferrum_jax.model import Model, load
 from ferrum_jax.sampling import GREEDY, SamplingParams
+from ferrum_jax.sharding import make_mesh, shard_model
 from ferrum_jax.tokenizer import Tokenizer
 
 __all__ = ["DEFAULT_OPS", "Ops", "record_dispatch", "KVCache", "FerrumError", "Completion", "Generation",
-           "decode", "generate", "logits", "prefill", "stream", "Model", "load", "GREEDY", "SamplingParams", "Tokenizer"]
+           "decode", "generate", "logits", "prefill", "stream", "Model", "load", "GREEDY", "SamplingParams", "Tokenizer",
+           "make_mesh", "shard_model"]
 __version__ = "0.1.0"

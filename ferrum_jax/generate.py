@@ -10,6 +10,7 @@ The KV cache and the decode state are donated: XLA updates them in place.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Iterator, Sequence
 from functools import partial
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
+from ferrum_jax import sharding
 from ferrum_jax.backend import Ops, record_dispatch, summarize
 from ferrum_jax.cache import KVCache
 from ferrum_jax.compile_log import count_compiles
@@ -114,6 +116,21 @@ def decode(weights: Any, cache: KVCache, state: DecodeState, params: SamplingArr
     return state, cache
 
 
+@functools.cache
+def _programs(mesh: jax.sharding.Mesh | None) -> tuple[Any, Any]:
+    """(prefill, decode) for a model on `mesh`: the same functions jitted with the sharded layouts of
+    their outputs (decode state split by rows over "data", cache as `sharding.CACHE_AXES`), so a
+    decode call gets back exactly the shardings it was given and never recompiles."""
+    if mesh is None:
+        return prefill, decode
+    rows, cache = sharding.row_sharding(mesh), sharding.cache_sharding(mesh)
+    state = DecodeState(**{f.name: rows for f in dataclasses.fields(DecodeState)} | {"stop_ids": sharding.replicated(mesh)})
+    out = (state, KVCache(k=cache, v=cache))
+    return (jax.jit(prefill.__wrapped__, static_argnames=("cfg", "ops"), donate_argnames=("cache",), out_shardings=out),
+            jax.jit(decode.__wrapped__, static_argnames=("cfg", "ops"), donate_argnames=("cache", "state"),
+                    out_shardings=out))
+
+
 @dataclasses.dataclass
 class Stats:
     rows: int = 0  # sequences in the batch
@@ -173,7 +190,7 @@ class Generation:
         elif longest > capacity:
             raise PromptTooLongError(f"prompt of {longest} tokens does not fit the KV cache capacity of {capacity}")
         self.capacity = capacity
-        self.batch = bucket(len(prompts))
+        self.batch = -(-bucket(len(prompts)) // model.data_parallel) * model.data_parallel  # rows split evenly
         t = min(bucket(longest, MIN_PROMPT_BUCKET), capacity)
         tokens = np.zeros((self.batch, t), np.int32)
         for i, x in enumerate(self.ids):
@@ -228,28 +245,32 @@ class Generation:
     def __iter__(self) -> Iterator[list[int]]:
         """Runs prefill, then decode chunks; yields, after each, the new token ids of every row."""
         m, cfg = self.model, self.model.config
-        cache = KVCache.create(num_layers=cfg.num_layers, batch=self.batch, kv_heads=cfg.num_kv_heads,
-                               capacity=self.capacity, head_dim=cfg.head_dim, dtype=m.dtype)
+        shape = dict(num_layers=cfg.num_layers, batch=self.batch, kv_heads=cfg.num_kv_heads, capacity=self.capacity,
+                     head_dim=cfg.head_dim, dtype=m.dtype)
+        cache = KVCache.create(**shape) if m.mesh is None else sharding.create_cache(m.mesh, **shape)
+        prefill_fn, decode_fn = _programs(m.mesh)
+        rows = functools.partial(sharding.place, m.mesh)  # per-row inputs, split over "data" on a mesh
+        params = rows(self.params)
         (state, cache), seconds = self._timed(
-            prefill, m.weights, cache, jnp.asarray(self.tokens), jnp.asarray(self.lengths), self.params,
-            jnp.asarray(self.max_new), jnp.asarray(self.stop_ids), self.key, cfg=cfg, ops=m.ops)
+            prefill_fn, m.weights, cache, rows(self.tokens), rows(self.lengths), params, rows(self.max_new),
+            sharding.place(m.mesh, self.stop_ids, rows=False), rows(self.key), cfg=cfg, ops=m.ops)
         self.stats.prefill_seconds += seconds
         yield self._take(state)
         steps = self.chunk or int(self.max_new.max())
-        while not bool(np.all(np.asarray(state.done))):
-            (state, cache), seconds = self._timed(decode, m.weights, cache, state, self.params, jnp.int32(steps),
+        while not bool(np.all(sharding.host(state.done))):
+            (state, cache), seconds = self._timed(decode_fn, m.weights, cache, state, params, jnp.int32(steps),
                                                   cfg=cfg, ops=m.ops)
             self.stats.decode_seconds += seconds
             yield self._take(state)
         self.state = state
 
     def _take(self, state: DecodeState) -> list[list[int]]:
-        counts = np.minimum(np.asarray(state.count), self.max_new)
-        tokens = np.asarray(state.tokens)
+        counts = np.minimum(sharding.host(state.count), self.max_new)
+        tokens = sharding.host(state.tokens)
         new = [tokens[i, self.counts[i]: counts[i]].tolist() for i in range(self.n)]
         self.stats.generated_tokens += int(sum(counts[: self.n] - self.counts[: self.n]))
         self.counts = counts
-        self.done = np.asarray(state.done)
+        self.done = sharding.host(state.done)
         return new
 
     def completions(self, generated: list[list[int]] | None = None) -> list[Completion]:

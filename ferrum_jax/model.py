@@ -20,7 +20,8 @@ from ferrum_jax.backend import DEFAULT_OPS, Ops
 from ferrum_jax.errors import ConfigError, ModelNotFoundError
 from ferrum_jax.gguf_tokenizer import tokenizer_from_gguf
 from ferrum_jax.loading.gguf import load_gguf
-from ferrum_jax.loading.safetensors import load_tensors
+from ferrum_jax.loading.gptq import load_hf_tensors  # dense, or GPTQ / AWQ (quantization_config)
+from ferrum_jax.loading.sharded import load_gguf_sharded, load_safetensors_sharded
 from ferrum_jax.tokenizer import Tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -34,6 +35,11 @@ class Model:
     name: str = "model"
     ops: Ops = DEFAULT_OPS
     load_seconds: float = 0.0
+    mesh: jax.sharding.Mesh | None = None  # weights sharded over it (ferrum_jax.sharding), else one device
+
+    @property
+    def data_parallel(self) -> int:
+        return 1 if self.mesh is None else int(self.mesh.shape["data"])
 
     @property
     def family(self):
@@ -93,13 +99,17 @@ def resolve_path(path: str | Path) -> Path:
 
 
 def load(path: str | Path = DEFAULT_MODEL, *, dtype: str | jnp.dtype | None = "auto", ops: Ops = DEFAULT_OPS,
-         dequantize: bool | None = None, progress: bool = True) -> Model:
+         dequantize: bool | None = None, progress: bool = True, mesh: jax.sharding.Mesh | None = None) -> Model:
     """Load a model: an alias (the default is a small model that installs from the package index),
     a .gguf file, or an HF checkpoint directory (config.json, *.safetensors, tokenizer files).
 
     dequantize (GGUF only): True decodes every quantized weight to `dtype` at load time; False keeps
     them packed on device (decoded block-wise inside the jitted forward); None: packed on GPU/TPU,
     decoded on the CPU, where XLA's dense matmuls are much faster than decoding every step.
+
+    mesh (`ferrum_jax.sharding.make_mesh`): load straight onto the mesh, each device reading only
+    its slice of every tensor (tensor parallel over "model", replicated over "data"); the Model
+    keeps the mesh and `generate` runs sharded.
     """
     start = time.perf_counter()
     resolved = resolve_path(path)
@@ -108,15 +118,23 @@ def load(path: str | Path = DEFAULT_MODEL, *, dtype: str | jnp.dtype | None = "a
         if resolved.suffix.lower() != ".gguf":
             raise ModelNotFoundError(f"model path {resolved} is a file but not a .gguf file; give a .gguf file "
                                      "or an HF checkpoint directory")
-        cfg, weights, metadata = load_gguf(resolved, dtype=resolve_dtype(dtype), dequantize=dequantize,
-                                           progress=progress)
+        if mesh is not None:
+            cfg, weights, metadata = load_gguf_sharded(resolved, mesh, dtype=resolve_dtype(dtype),
+                                                       dequantize=dequantize, progress=progress)
+        else:
+            cfg, weights, metadata = load_gguf(resolved, dtype=resolve_dtype(dtype), dequantize=dequantize,
+                                               progress=progress)
+            weights = fuse_projections(weights)
         # A file without tokenizer metadata still runs on token ids.
         has_tokenizer = "tokenizer.ggml.model" in metadata.reader.fields
         tokenizer = tokenizer_from_gguf(metadata.reader, str(resolved)) if has_tokenizer else None
-        return Model(cfg, fuse_projections(weights), tokenizer, name=name, ops=ops, load_seconds=time.perf_counter() - start)
+        return Model(cfg, weights, tokenizer, name=name, ops=ops, load_seconds=time.perf_counter() - start, mesh=mesh)
     cfg = read_config(resolved)
     family = models.family_of(cfg)
     tokenizer = Tokenizer.from_dir(resolved) if (resolved / "tokenizer.json").is_file() else None
-    tensors = load_tensors(resolved, family.tensor_shapes(cfg), dtype=resolve_dtype(dtype), progress=progress)
-    weights = fuse_projections(family.build_weights(cfg, tensors))
-    return Model(cfg, weights, tokenizer, name=name, ops=ops, load_seconds=time.perf_counter() - start)
+    if mesh is not None:
+        cfg, weights = load_safetensors_sharded(resolved, cfg, mesh, dtype=resolve_dtype(dtype), progress=progress)
+    else:
+        tensors = load_hf_tensors(resolved, family.tensor_shapes(cfg), dtype=resolve_dtype(dtype), progress=progress)
+        weights = fuse_projections(family.build_weights(cfg, tensors))
+    return Model(cfg, weights, tokenizer, name=name, ops=ops, load_seconds=time.perf_counter() - start, mesh=mesh)

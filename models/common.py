@@ -33,6 +33,9 @@ class Attention:
     k_norm: Array | None = None
     wqkv: Array | None = None  # [q; k; v] stacked along out_features: one matmul instead of three
     bqkv: Array | None = None
+    # Tensor parallel: wqkv/bqkv rows are [q_0; k_0; v_0; q_1; k_1; v_1; ...], one group per shard of
+    # the "model" mesh axis, so a plain row split gives each device its own heads (ferrum_jax.sharding).
+    shards: int = dataclasses.field(default=1, metadata=dict(static=True))
 
 
 @jax.tree_util.register_dataclass
@@ -136,9 +139,10 @@ def self_attention(p: Attention, x: jax.Array, positions: jax.Array, cache: KVCa
     `kv_len` cache slots (all of them when None), project out."""
     b, t, _ = x.shape
     q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-    if p.wqkv is not None:
-        qkv = ops.linear(x, p.wqkv, p.bqkv)
-        q, k, v = qkv[..., :q_size], qkv[..., q_size:q_size + kv_size], qkv[..., q_size + kv_size:]
+    if p.wqkv is not None:  # split each shard's [q_i; k_i; v_i] group (one group unless sharded)
+        qkv = ops.linear(x, p.wqkv, p.bqkv).reshape(b, t, p.shards, -1)
+        qs, ks = q_size // p.shards, kv_size // p.shards
+        q, k, v = qkv[..., :qs], qkv[..., qs:qs + ks], qkv[..., qs + ks:]
     else:
         q, k, v = ops.linear(x, p.wq, p.bq), ops.linear(x, p.wk, p.bk), ops.linear(x, p.wv, p.bv)
     q = q.reshape(b, t, spec.num_heads, spec.head_dim)

@@ -221,8 +221,8 @@ def _dot_kernel(*refs, f, present: tuple[bool, ...], ng: int, steps: int, dot_dt
                     w = w - o[:, :, None]
                 w = w.astype(dot_dtype).reshape(block_n, ng * wd)
                 xa = x_ref[:, pl.ds(g0, ng), a, b, :].reshape(block_m, ng * wd)
-                acc = acc + pl.dot(xa, w, trans_b=True,
-                                   precision=lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None)
+                acc = acc + lax.dot_general(xa, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                                            precision=lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None)
         return acc
 
     acc = lax.fori_loop(0, steps, step, jnp.zeros((block_m, block_n), jnp.float32))
