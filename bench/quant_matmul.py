@@ -152,7 +152,7 @@ def bench(args) -> dict:
                 x = jax.random.normal(key, (m, k), jnp.bfloat16)
                 row = dict(format=name, shape=shape_name, n=n, k=k, m=m, weight_bytes=nbytes)
                 cfg = qm.choose_config(ws[0], m, args.variant)
-                if (args.variant == "dot" or m <= qm.MAX_ROWS) and qm.unsupported(x, ws[0], cfg) is None:
+                if qm.unsupported(x, ws[0], cfg) is None:
                     t = time_per_call(lambda x, w: qm.qmatmul(x, w, config=cfg), x, ws)
                     row["kernel"] = dict(seconds=t, bw_fraction=nbytes / t / bw, config=cfg.__dict__)
                 t = time_per_call(lambda x, w: jnp.einsum("mk,nk->mn", x, w.dequantize(x.dtype)), x, ws)

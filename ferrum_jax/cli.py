@@ -14,6 +14,7 @@ from ferrum_jax.errors import FerrumError
 from ferrum_jax.generate import Completion, Stats, stream
 from ferrum_jax.model import DTYPES, Model, load
 from ferrum_jax.sampling import SamplingParams
+from ferrum_jax.sharding import make_mesh
 
 
 def _common(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -34,6 +35,9 @@ def _common(p: argparse.ArgumentParser, temperature: float) -> None:
                    help="keep compiled programs here so the next run starts faster ('none' to turn off; "
                         f"default {DEFAULT_CACHE_DIR})")
     p.add_argument("--verbose", "-v", action="store_true", help="log which op implementations ran, and why")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel: shard the model over N devices (default 1)")
+    p.add_argument("--dp", type=int, default=1, help="data parallel: split the batch over N model replicas (default 1)")
+    p.add_argument("--ep", type=int, default=1, help="expert parallel over N devices (MoE models only; default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,7 +103,10 @@ def _check(args: argparse.Namespace) -> None:
 def _load(args: argparse.Namespace) -> Model:
     _check(args)
     enable_persistent_cache(None if args.compile_cache.lower() in ("none", "off", "") else args.compile_cache)
-    return load(args.model, dtype=args.dtype, progress=sys.stderr.isatty())
+    if args.ep > 1:  # every supported family is dense (no experts to split) until an MoE family lands
+        raise FerrumError(f"expert parallel needs an MoE model: {args.model} is dense (use --tp / --dp)")
+    mesh = make_mesh(tp=args.tp, dp=args.dp) if args.tp * args.dp > 1 else None
+    return load(args.model, dtype=args.dtype, progress=sys.stderr.isatty(), mesh=mesh)
 
 
 def _generate(args: argparse.Namespace) -> None:

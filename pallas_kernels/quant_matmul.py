@@ -49,7 +49,7 @@ class GemvConfig:
     num_stages: int = 3
 
 
-MAX_ROWS = 16  # rows of x the kernel unrolls; more rows take the dequantize-once + matmul path
+MAX_FMA_ROWS = 4  # rows of x the "fma" variant unrolls
 TARGET_PROGRAMS = 264  # split K until there are about this many programs (2 per H100/H200 SM)
 
 
@@ -58,10 +58,10 @@ def choose_config(w: QuantWeight, m_rows: int, variant: str = "dot") -> GemvConf
     split-K until the grid has TARGET_PROGRAMS programs."""
     f = w.fmt
     k = w.shape[1]
-    unit = max(f.group, f.super_group)
     block_m = 16 if m_rows <= 16 else 32 if m_rows <= 32 else 64
     block_n = 32 if m_rows <= 32 else 64
-    block_k = next((bk for bk in (1024, 512, 256, 128, 64, 32, 16) if bk >= unit and k % bk == 0), unit)
+    widest = 1024 if m_rows <= 32 else 256  # the x tile grows with block_m: keep it in shared memory
+    block_k = next((bk for bk in (1024, 512, 256, 128, 64, 32) if bk <= widest and k % bk == 0), 32)
     m_blocks = -(-m_rows // block_m) if variant == "dot" else 1
     split_k = 1
     while (w.lo.shape[0] // block_n) * m_blocks * split_k < TARGET_PROGRAMS and k % (block_k * split_k * 2) == 0:
@@ -78,18 +78,15 @@ def reference(x: jax.Array, w: QuantWeight) -> jax.Array:
 
 def unsupported(x: jax.Array, w: QuantWeight, config: GemvConfig) -> str | None:
     """None if the kernel runs these shapes with `config`, else why not."""
-    f = w.fmt
-    if f.group & (f.group - 1) or f.group > 256:
-        return f"group size {f.group} is not a power of two <= 256"
-    groups_per_step = config.block_k // f.group
-    if config.block_k % f.group or groups_per_step & (groups_per_step - 1):
-        return f"block_k {config.block_k} is not a power-of-two number of {f.group}-groups"
-    if f.super_group and config.block_k % f.super_group:
-        return f"block_k {config.block_k} is not a multiple of the super-block {f.super_group}"
-    if w.shape[1] % (config.block_k * config.split_k):
-        return f"{w.shape[1]} inputs do not split into {config.split_k} x {config.block_k}"
+    bk = config.block_k
+    if bk & (bk - 1) or bk < 32:
+        return f"block_k {bk} is not a power of two >= 32"
+    if w.shape[1] % (bk * config.split_k):
+        return f"{w.shape[1]} inputs do not split into {config.split_k} x {bk}"
     if w.lo.shape[0] % config.block_n:
         return f"{w.lo.shape[0]} rows are not a multiple of block_n {config.block_n}"
+    if config.variant == "fma" and math.prod(x.shape[:-1]) > MAX_FMA_ROWS:
+        return f"the fma variant takes at most {MAX_FMA_ROWS} rows"
     return None
 
 
@@ -98,13 +95,15 @@ def _to_float(q: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(q | MAGIC, jnp.float32) - jnp.float32(2.0**23)
 
 
-def _kernel(*refs, f, present: tuple[bool, ...], m_rows: int, ng: int, steps: int, needs_xsum: bool):
+def _kernel(*refs, f, present: tuple[bool, ...], half: int, steps: int, variant: str, dot_dtype):
+    """One (rows of W) x (rows of x) x (K slice) program. All tiles are 2-D with the inputs
+    contiguous: field `a` of the codes (the low / high nibble of each byte) pairs with the
+    activations' view x_a, so no tile is reshaped; per-column scale indices are gathers that hit L1."""
     has_hi, has_ss, has_of, has_so = present
-    a_fields, b_fields, _ = f.split
+    a_fields, b_fields, wd = f.split
     hb = f.bits - 4
     it = iter(refs)
-    x_ref = next(it)
-    xs_ref = next(it) if needs_xsum else None
+    x_refs = [next(it) for _ in range(a_fields)]
     lo_ref = next(it)
     hi_ref = next(it) if has_hi else None
     sc_ref = next(it)
@@ -112,126 +111,66 @@ def _kernel(*refs, f, present: tuple[bool, ...], m_rows: int, ng: int, steps: in
     of_ref = next(it) if has_of else None
     so_ref = next(it) if has_so else None
     o_ref = next(it)
-    block_n = lo_ref.shape[0]
+    block_m, block_n = x_refs[0].shape[0], lo_ref.shape[0]
+    per_group = f.group // a_fields  # columns of one group in a field's view
     r = f.sub_per_super
-    g_base = pl.program_id(1) * steps * ng
-
-    def group_sums(g0):
-        """P[m]: float32 [block_n, ng] for every row m of x."""
-        sums = [jnp.zeros((block_n, ng), jnp.float32) for _ in range(m_rows)]
-        for b in range(b_fields):
-            lo = lo_ref[:, pl.ds(g0, ng), b, :].astype(jnp.int32)  # [block_n, ng, W]
-            hi = hi_ref[:, pl.ds(g0, ng), :].astype(jnp.int32) if hi_ref is not None else None
-            for a in range(a_fields):
-                if f.bits == 8:
-                    qf = lo.astype(jnp.float32)
-                else:
-                    q = (lo >> (4 * a)) & 15
-                    if hi is not None:
-                        q = q | (((hi >> (hb * (a * b_fields + b))) & ((1 << hb) - 1)) << 4)
-                    qf = _to_float(q)
-                for m in range(m_rows):
-                    xv = x_ref[m, pl.ds(g0, ng), a, b, :]  # [ng, W] float32
-                    sums[m] = sums[m] + jnp.sum(qf * xv[None], axis=2)
-        return sums
-
-    def per_super(v):  # [block_n, ng] -> [block_n, ng / r]: sums over each super-block's groups
-        return jnp.sum(v.reshape(block_n, ng // r, r), axis=2)
-
-    def step(t, accs):
-        g0 = g_base + t * ng
-        sums = group_sums(g0)
-        sc = sc_ref[:, pl.ds(g0, ng)].astype(jnp.float32)
-        if ss_ref is not None:
-            ss = ss_ref[:, pl.ds(g0 // r, ng // r)].astype(jnp.float32)
-        if of_ref is not None:
-            of = of_ref[:, pl.ds(g0, ng)].astype(jnp.float32)
-        out = []
-        for m in range(m_rows):
-            p = sums[m]
-            xs = xs_ref[m, pl.ds(g0, ng)][None] if xs_ref is not None else None  # [1, ng]
-            if f.offset == "const":
-                p = p - f.const * xs
-            elif f.offset == "zero":
-                p = p - of * xs
-            if ss_ref is None:
-                y = jnp.sum(sc * p, axis=1)
-                if f.offset == "min":
-                    y = y + jnp.sum(of * xs, axis=1)
-            else:
-                y = jnp.sum(ss * per_super(sc * p), axis=1)
-                if f.offset == "kmin":
-                    so = so_ref[:, pl.ds(g0 // r, ng // r)].astype(jnp.float32)
-                    y = y - jnp.sum(so * per_super(of * xs), axis=1)
-            out.append(accs[m] + y)
-        return tuple(out)
-
-    accs = lax.fori_loop(0, steps, step, tuple(jnp.zeros((block_n,), jnp.float32) for _ in range(m_rows)))
-    for m in range(m_rows):
-        o_ref[0, m, :] = accs[m]
-
-
-def _dot_kernel(*refs, f, present: tuple[bool, ...], ng: int, steps: int, dot_dtype):
-    """acc[BM, BN] += x_tile @ dequantize(w_tile)^T, one dot per unpacked field."""
-    has_hi, has_ss, has_of, has_so = present
-    a_fields, b_fields, wd = f.split
-    hb = f.bits - 4
-    it = iter(refs)
-    x_ref, lo_ref = next(it), next(it)
-    hi_ref = next(it) if has_hi else None
-    sc_ref = next(it)
-    ss_ref = next(it) if has_ss else None
-    of_ref = next(it) if has_of else None
-    so_ref = next(it) if has_so else None
-    o_ref = next(it)
-    block_m, block_n = x_ref.shape[0], lo_ref.shape[0]
-    r = f.sub_per_super
-    g_base = pl.program_id(2) * steps * ng
-
-    def expand(v):  # [block_n, ng / r] -> [block_n, ng]: each super-block value over its groups
-        return jnp.broadcast_to(v[:, :, None], (block_n, ng // r, r)).reshape(block_n, ng)
+    rows = jnp.arange(block_n, dtype=jnp.int32)[:, None]
+    c_base = pl.program_id(2) * steps * half
 
     def step(t, acc):
-        g0 = g_base + t * ng
-        s = sc_ref[:, pl.ds(g0, ng)].astype(jnp.float32)
+        c0 = c_base + t * half
+        col = c0 + jnp.arange(half, dtype=jnp.int32)
+        g = (col // per_group)[None, :]
+        s = sc_ref[rows, g].astype(jnp.float32)  # [block_n, half]: each column's group scale
         if ss_ref is not None:
-            s = s * expand(ss_ref[:, pl.ds(g0 // r, ng // r)].astype(jnp.float32))
+            s = s * ss_ref[rows, g // r].astype(jnp.float32)
         o = None
         if f.offset == "const":
             o = f.const * s
         elif f.offset == "zero":
-            o = of_ref[:, pl.ds(g0, ng)].astype(jnp.float32) * s
+            o = of_ref[rows, g].astype(jnp.float32) * s
         elif f.offset == "min":
-            o = -of_ref[:, pl.ds(g0, ng)].astype(jnp.float32)
+            o = -of_ref[rows, g].astype(jnp.float32)
         elif f.offset == "kmin":
-            o = expand(so_ref[:, pl.ds(g0 // r, ng // r)].astype(jnp.float32)) * of_ref[:, pl.ds(g0, ng)].astype(jnp.float32)
-        for b in range(b_fields):
-            lo = lo_ref[:, pl.ds(g0, ng), b, :].astype(jnp.int32)  # [block_n, ng, W]
-            hi = hi_ref[:, pl.ds(g0, ng), :].astype(jnp.int32) if hi_ref is not None else None
-            for a in range(a_fields):
-                if f.bits == 8:
-                    qf = lo.astype(jnp.float32)
-                else:
-                    q = (lo >> (4 * a)) & 15
-                    if hi is not None:
-                        q = q | (((hi >> (hb * (a * b_fields + b))) & ((1 << hb) - 1)) << 4)
-                    qf = _to_float(q)
-                w = qf * s[:, :, None]
-                if o is not None:
-                    w = w - o[:, :, None]
-                w = w.astype(dot_dtype).reshape(block_n, ng * wd)
-                xa = x_ref[:, pl.ds(g0, ng), a, b, :].reshape(block_m, ng * wd)
-                acc = acc + lax.dot_general(xa, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
-                                            precision=lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None)
+            o = so_ref[rows, g // r].astype(jnp.float32) * of_ref[rows, g].astype(jnp.float32)
+        lo = lo_ref[:, pl.ds(c0, half)].astype(jnp.int32)
+        if hi_ref is not None:
+            j = col % per_group  # = b * W + w inside the group
+            h = hi_ref[rows, (col // per_group * wd + j % wd)[None, :]].astype(jnp.int32)
+            field = (j // wd)[None, :]
+        for a in range(a_fields):
+            if f.bits == 8:
+                w = lo.astype(jnp.float32) * s
+            else:
+                q = (lo >> (4 * a)) & 15
+                if hi_ref is not None:
+                    q = q | (((h >> (hb * (a * b_fields + field))) & ((1 << hb) - 1)) << 4)
+                w = _to_float(q) * s
+            if o is not None:
+                w = w - o
+            if variant == "dot":
+                xa = x_refs[a][:, pl.ds(c0, half)]  # [block_m, half]
+                acc = acc + lax.dot_general(
+                    xa.astype(dot_dtype), w.astype(dot_dtype), (((1,), (1,)), ((), ())),
+                    preferred_element_type=jnp.float32,
+                    precision=lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None)
+            else:  # elementwise products, reduced once after the loop
+                acc = tuple(acc[m] + w * x_refs[a][m, pl.ds(c0, half)].astype(jnp.float32)[None, :]
+                            for m in range(block_m))
         return acc
 
-    acc = lax.fori_loop(0, steps, step, jnp.zeros((block_m, block_n), jnp.float32))
-    o_ref[0] = acc
+    if variant == "dot":
+        acc = lax.fori_loop(0, steps, step, jnp.zeros((block_m, block_n), jnp.float32))
+        o_ref[0] = acc
+    else:
+        acc = lax.fori_loop(0, steps, step, tuple(jnp.zeros((block_n, half), jnp.float32) for _ in range(block_m)))
+        for m in range(block_m):
+            o_ref[0, m, :] = jnp.sum(acc[m], axis=1)
 
 
 @partial(jax.jit, static_argnames=("config", "interpret"))
 def qmatmul(x: jax.Array, w: QuantWeight, *, config: GemvConfig = GemvConfig(), interpret: bool = False) -> jax.Array:
-    """x [..., K] @ W^T -> [..., N] in x's dtype, for a few rows of x (decode). See the module doc."""
+    """x [..., K] @ W^T -> [..., N] in x's dtype. See the module docstring."""
     reason = unsupported(x, w, config)
     if reason is not None:
         raise ValueError(f"qmatmul: {reason}")
@@ -240,60 +179,40 @@ def qmatmul(x: jax.Array, w: QuantWeight, *, config: GemvConfig = GemvConfig(), 
     n_pad = w.lo.shape[0]
     lead = x.shape[:-1]
     m_rows = math.prod(lead)
-    x2 = x.reshape(m_rows, k).astype(jnp.float32)
+    a_fields = f.split[0]
+    x2 = x.reshape(m_rows, k)
     if w.perm is not None:
         x2 = jnp.take(x2, w.perm, axis=1)
-    a, b, wd = f.split
-    groups = k // f.group
-    ng = config.block_k // f.group
-    steps = groups // (ng * config.split_k)
-    needs_xsum = f.offset != "none"
-    bn = config.block_n
+    dot_dtype = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
+    bm = config.block_m if config.variant == "dot" else m_rows
+    m_pad = -(-m_rows // bm) * bm
+    x2 = jnp.pad(x2, ((0, m_pad - m_rows), (0, 0))).astype(dot_dtype)
+    xg = x2.reshape(m_pad, k // f.group, a_fields, f.group // a_fields)
+    x_views = [xg[:, :, a].reshape(m_pad, k // a_fields) for a in range(a_fields)]
+    leaves = [w.lo.reshape(n_pad, k // a_fields)]
+    if w.hi is not None:
+        leaves.append(w.hi.reshape(n_pad, -1))
+    leaves += [leaf for leaf in (w.scales, w.super_scales, w.offsets, w.super_offsets) if leaf is not None]
     present = tuple(leaf is not None for leaf in (w.hi, w.super_scales, w.offsets, w.super_offsets))
-    leaves = [leaf for leaf in (w.lo, w.hi, w.scales, w.super_scales, w.offsets, w.super_offsets) if leaf is not None]
+    half = config.block_k // a_fields
+    steps = k // (config.block_k * config.split_k)
+    bn = config.block_n
+    in_specs = [pl.BlockSpec((bm, k // a_fields), lambda i, j, s: (j, 0)) for _ in x_views]
+    in_specs += [pl.BlockSpec((bn, leaf.shape[1]), lambda i, j, s: (i, 0)) for leaf in leaves]
     params = {}
     if not interpret:
         from jax.experimental.pallas import triton as pl_triton
         params["compiler_params"] = pl_triton.CompilerParams(num_warps=config.num_warps,
                                                              num_stages=config.num_stages)
-    if config.variant == "dot":
-        dot_dtype = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
-        bm = config.block_m
-        m_pad = -(-m_rows // bm) * bm
-        xd = jnp.pad(x2, ((0, m_pad - m_rows), (0, 0))).astype(dot_dtype).reshape(m_pad, groups, a, b, wd)
-        in_specs = [pl.BlockSpec((bm, groups, a, b, wd), lambda i, j, s: (j, 0, 0, 0, 0))]
-        in_specs += [pl.BlockSpec((bn, *leaf.shape[1:]), lambda i, j, s, nd=leaf.ndim: (i,) + (0,) * (nd - 1))
-                     for leaf in leaves]
-        out = pl.pallas_call(
-            partial(_dot_kernel, f=f, present=present, ng=ng, steps=steps, dot_dtype=dot_dtype),
-            out_shape=jax.ShapeDtypeStruct((config.split_k, m_pad, n_pad), jnp.float32),
-            grid=(n_pad // bn, m_pad // bm, config.split_k),
-            in_specs=in_specs,
-            out_specs=pl.BlockSpec((1, bm, bn), lambda i, j, s: (s, j, i)),
-            interpret=interpret,
-            **params,
-        )(xd, *leaves)
-        y = jnp.sum(out, axis=0)[:m_rows, :n]
-        return y.reshape(*lead, n).astype(x.dtype)
-
-    whole = lambda arr: pl.BlockSpec(arr.shape, lambda i, s: (0,) * arr.ndim)
-    rows = lambda arr: pl.BlockSpec((bn, *arr.shape[1:]), lambda i, s: (i,) + (0,) * (arr.ndim - 1))
-    args, specs = [x2.reshape(m_rows, groups, a, b, wd)], []
-    if needs_xsum:
-        args.append(jnp.sum(x2.reshape(m_rows, groups, f.group), axis=2))
-    specs = [whole(arg) for arg in args]
-    for leaf in leaves:
-        args.append(leaf)
-        specs.append(rows(leaf))
-    kernel = partial(_kernel, f=f, present=present, m_rows=m_rows, ng=ng, steps=steps, needs_xsum=needs_xsum)
     out = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((config.split_k, m_rows, n_pad), jnp.float32),
-        grid=(n_pad // bn, config.split_k),
-        in_specs=specs,
-        out_specs=pl.BlockSpec((1, m_rows, bn), lambda i, s: (s, 0, i)),
+        partial(_kernel, f=f, present=present, half=half, steps=steps, variant=config.variant,
+                dot_dtype=dot_dtype),
+        out_shape=jax.ShapeDtypeStruct((config.split_k, m_pad, n_pad), jnp.float32),
+        grid=(n_pad // bn, m_pad // bm, config.split_k),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((1, bm, bn), lambda i, j, s: (s, j, i)),
         interpret=interpret,
         **params,
-    )(*args)
-    y = jnp.sum(out, axis=0)[:, :n]
+    )(*x_views, *leaves)
+    y = jnp.sum(out, axis=0)[:m_rows, :n]
     return y.reshape(*lead, n).astype(x.dtype)
