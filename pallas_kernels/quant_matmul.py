@@ -85,8 +85,12 @@ def unsupported(x: jax.Array, w: QuantWeight, config: GemvConfig) -> str | None:
         return f"{w.shape[1]} inputs do not split into {config.split_k} x {bk}"
     if w.lo.shape[0] % config.block_n:
         return f"{w.lo.shape[0]} rows are not a multiple of block_n {config.block_n}"
-    if config.variant == "fma" and math.prod(x.shape[:-1]) > MAX_FMA_ROWS:
-        return f"the fma variant takes at most {MAX_FMA_ROWS} rows"
+    if config.variant == "fma":
+        if math.prod(x.shape[:-1]) > MAX_FMA_ROWS:
+            return f"the fma variant takes at most {MAX_FMA_ROWS} rows"
+        sup = w.fmt.super_group or w.fmt.group
+        if bk % sup or (bk // sup) & (bk // sup - 1):
+            return f"block_k {bk} is not a power-of-two number of {sup}-blocks"
     return None
 
 
@@ -118,7 +122,7 @@ def _kernel(*refs, f, present: tuple[bool, ...], half: int, steps: int, variant:
     c_base = pl.program_id(2) * steps * half
 
     def step(t, acc):
-        c0 = c_base + t * half
+        c0 = pl.multiple_of(c_base + t * half, half)
         col = c0 + jnp.arange(half, dtype=jnp.int32)
         g = (col // per_group)[None, :]
         s = sc_ref[rows, g].astype(jnp.float32)  # [block_n, half]: each column's group scale
@@ -168,6 +172,102 @@ def _kernel(*refs, f, present: tuple[bool, ...], half: int, steps: int, variant:
             o_ref[0, m, :] = jnp.sum(acc[m], axis=1)
 
 
+def _fma_kernel(*refs, f, present: tuple[bool, ...], nsb: int, steps: int, m_rows: int):
+    """Elementwise variant: tiles [block_n, super-rows, R, B, W] in the layout's own shape, so each
+    scale and offset is loaded once per group and broadcast (no gathers, no reshapes); products
+    accumulate elementwise across the loop and are reduced once at the end."""
+    has_hi, has_ss, has_of, has_so = present
+    a_fields, b_fields, wd = f.split
+    hb = f.bits - 4
+    it = iter(refs)
+    x_ref, lo_ref = next(it), next(it)  # x [M, K/S, R, A, B, W]; lo [BN, K/S, R, B, W]
+    hi_ref = next(it) if has_hi else None  # [BN, K/S, R, 1, W]
+    sc_ref = next(it)  # [BN, K/S, R]
+    ss_ref = next(it) if has_ss else None  # [BN, K/S]
+    of_ref = next(it) if has_of else None  # [BN, K/S, R]
+    so_ref = next(it) if has_so else None  # [BN, K/S]
+    o_ref = next(it)
+    block_n = lo_ref.shape[0]
+    r = lo_ref.shape[2]
+    base = pl.program_id(2) * steps * nsb
+    field = jnp.arange(b_fields, dtype=jnp.int32)[None, None, None, :, None]
+
+    def step(t, acc):
+        c0 = pl.multiple_of(base + t * nsb, nsb)
+        blk = pl.ds(c0, nsb)
+        s = sc_ref[:, blk, :].astype(jnp.float32)  # [BN, nsb, R]
+        if ss_ref is not None:
+            s = s * ss_ref[:, blk].astype(jnp.float32)[:, :, None]
+        o = None
+        if f.offset == "const":
+            o = f.const * s
+        elif f.offset == "zero":
+            o = of_ref[:, blk, :].astype(jnp.float32) * s
+        elif f.offset == "min":
+            o = -of_ref[:, blk, :].astype(jnp.float32)
+        elif f.offset == "kmin":
+            o = so_ref[:, blk].astype(jnp.float32)[:, :, None] * of_ref[:, blk, :].astype(jnp.float32)
+        s = s[:, :, :, None, None]
+        o = None if o is None else o[:, :, :, None, None]
+        lo = lo_ref[:, blk, :, :, :].astype(jnp.int32)  # [BN, nsb, R, B, W]
+        h = hi_ref[:, blk, :, :, :].astype(jnp.int32) if hi_ref is not None else None
+        acc = list(acc)
+        for a in range(a_fields):
+            if f.bits == 8:
+                w = lo.astype(jnp.float32) * s
+            else:
+                q = (lo >> (4 * a)) & 15
+                if h is not None:
+                    q = q | (((h >> (hb * (a * b_fields + field))) & ((1 << hb) - 1)) << 4)
+                w = _to_float(q) * s
+            if o is not None:
+                w = w - o
+            for m in range(m_rows):
+                acc[m] = acc[m] + w * x_ref[m, blk, :, a, :, :].astype(jnp.float32)[None]
+        return tuple(acc)
+
+    shape = (block_n, nsb, r, b_fields, wd)
+    acc = lax.fori_loop(0, steps, step, tuple(jnp.zeros(shape, jnp.float32) for _ in range(m_rows)))
+    for m in range(m_rows):
+        o_ref[0, m, :] = jnp.sum(jnp.sum(jnp.sum(jnp.sum(acc[m], axis=4), axis=3), axis=2), axis=1)
+
+
+def _fma_call(x2: jax.Array, w: QuantWeight, config: GemvConfig, params: dict, interpret: bool) -> jax.Array:
+    f = w.fmt
+    n_pad, k = w.lo.shape[0], w.shape[1]
+    m_rows = x2.shape[0]
+    a_fields, b_fields, wd = f.split
+    sup = f.super_group or f.group
+    r, nsup = sup // f.group, k // sup
+    views = [x2.astype(jnp.float32).reshape(m_rows, nsup, r, a_fields, b_fields, wd),
+             w.lo.reshape(n_pad, nsup, r, b_fields, wd)]
+    if w.hi is not None:
+        views.append(w.hi.reshape(n_pad, nsup, r, 1, wd))
+    views.append(w.scales.reshape(n_pad, nsup, r))
+    if w.super_scales is not None:
+        views.append(w.super_scales)
+    if w.offsets is not None:
+        views.append(w.offsets.reshape(n_pad, nsup, r))
+    if w.super_offsets is not None:
+        views.append(w.super_offsets)
+    present = tuple(leaf is not None for leaf in (w.hi, w.super_scales, w.offsets, w.super_offsets))
+    nsb = config.block_k // sup
+    steps = nsup // (nsb * config.split_k)
+    bn = config.block_n
+    zeros = lambda nd: (0,) * nd
+    in_specs = [pl.BlockSpec(views[0].shape, lambda i, j, s: zeros(6))]
+    in_specs += [pl.BlockSpec((bn, *v.shape[1:]), lambda i, j, s, nd=v.ndim: (i,) + zeros(nd - 1)) for v in views[1:]]
+    return pl.pallas_call(
+        partial(_fma_kernel, f=f, present=present, nsb=nsb, steps=steps, m_rows=m_rows),
+        out_shape=jax.ShapeDtypeStruct((config.split_k, m_rows, n_pad), jnp.float32),
+        grid=(n_pad // bn, 1, config.split_k),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((1, m_rows, bn), lambda i, j, s: (s, 0, i)),
+        interpret=interpret,
+        **params,
+    )(*views)
+
+
 @partial(jax.jit, static_argnames=("config", "interpret"))
 def qmatmul(x: jax.Array, w: QuantWeight, *, config: GemvConfig = GemvConfig(), interpret: bool = False) -> jax.Array:
     """x [..., K] @ W^T -> [..., N] in x's dtype. See the module docstring."""
@@ -183,6 +283,14 @@ def qmatmul(x: jax.Array, w: QuantWeight, *, config: GemvConfig = GemvConfig(), 
     x2 = x.reshape(m_rows, k)
     if w.perm is not None:
         x2 = jnp.take(x2, w.perm, axis=1)
+    params = {}
+    if not interpret:
+        from jax.experimental.pallas import triton as pl_triton
+        params["compiler_params"] = pl_triton.CompilerParams(num_warps=config.num_warps,
+                                                             num_stages=config.num_stages)
+    if config.variant == "fma":
+        y = jnp.sum(_fma_call(x2, w, config, params, interpret), axis=0)[:, :n]
+        return y.reshape(*lead, n).astype(x.dtype)
     dot_dtype = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
     bm = config.block_m if config.variant == "dot" else m_rows
     m_pad = -(-m_rows // bm) * bm
@@ -199,11 +307,6 @@ def qmatmul(x: jax.Array, w: QuantWeight, *, config: GemvConfig = GemvConfig(), 
     bn = config.block_n
     in_specs = [pl.BlockSpec((bm, k // a_fields), lambda i, j, s: (j, 0)) for _ in x_views]
     in_specs += [pl.BlockSpec((bn, leaf.shape[1]), lambda i, j, s: (i, 0)) for leaf in leaves]
-    params = {}
-    if not interpret:
-        from jax.experimental.pallas import triton as pl_triton
-        params["compiler_params"] = pl_triton.CompilerParams(num_warps=config.num_warps,
-                                                             num_stages=config.num_stages)
     out = pl.pallas_call(
         partial(_kernel, f=f, present=present, half=half, steps=steps, variant=config.variant,
                 dot_dtype=dot_dtype),
