@@ -22,6 +22,7 @@ from ferrum_jax.gguf_tokenizer import tokenizer_from_gguf
 from ferrum_jax.loading.gguf import load_gguf
 from ferrum_jax.loading.gptq import load_hf_tensors  # dense, or GPTQ / AWQ (quantization_config)
 from ferrum_jax.loading.sharded import load_gguf_sharded, load_safetensors_sharded
+from ferrum_jax.quant.repack import repack_weights
 from ferrum_jax.tokenizer import Tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -124,7 +125,7 @@ def load(path: str | Path = DEFAULT_MODEL, *, dtype: str | jnp.dtype | None = "a
         else:
             cfg, weights, metadata = load_gguf(resolved, dtype=resolve_dtype(dtype), dequantize=dequantize,
                                                progress=progress)
-            weights = fuse_projections(weights)
+            weights = fuse_projections(repack_weights(weights))
         # A file without tokenizer metadata still runs on token ids.
         has_tokenizer = "tokenizer.ggml.model" in metadata.reader.fields
         tokenizer = tokenizer_from_gguf(metadata.reader, str(resolved)) if has_tokenizer else None

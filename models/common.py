@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from ferrum_jax.backend import Ops
 from ferrum_jax.cache import KVCache
 from ferrum_jax.errors import ConfigError
+from ferrum_jax.quant.qweight import QuantWeight
 from ferrum_jax.rope import Rope
 
 Array = Any  # a dense jax.Array or a packed quantized weight pytree
@@ -49,20 +50,30 @@ class Mlp:
 def fuse_projections(weights: Any) -> Any:
     """Stack q/k/v (and their biases) and gate/up into single weights, once at load time, so a
     decode step runs one larger matmul instead of several small ones (fewer kernels, better memory
-    streaming). Only dense weights of one dtype are fused; packed quantized weights stay apart."""
-    def dense(*arrays) -> bool:
-        return all(isinstance(a, jax.Array) for a in arrays) and len({a.dtype for a in arrays}) == 1
+    streaming). Dense weights of one dtype, or quantized weights of one format (`QuantWeight`), are
+    fused; mixed ones (a Q4_K_M file stores some v/down projections as Q6_K) stay apart."""
+    def stack(ws) -> Any:
+        if all(isinstance(a, jax.Array) for a in ws) and len({a.dtype for a in ws}) == 1:
+            return jnp.concatenate(ws)
+        if all(isinstance(a, QuantWeight) for a in ws):
+            return QuantWeight.concat(list(ws))
+        return None
+
+    def fusable(*ws) -> bool:
+        if all(isinstance(a, jax.Array) for a in ws):
+            return len({a.dtype for a in ws}) == 1
+        return all(isinstance(a, QuantWeight) for a in ws) and QuantWeight.can_concat(list(ws))
 
     def fuse(node: Any) -> Any:
-        if isinstance(node, Attention) and node.wqkv is None and dense(node.wq, node.wk, node.wv):
+        if isinstance(node, Attention) and node.wqkv is None and fusable(node.wq, node.wk, node.wv):
             biases = (node.bq, node.bk, node.bv)
             bqkv = jnp.concatenate(biases) if all(b is not None for b in biases) else None
             if bqkv is None and any(b is not None for b in biases):
                 return node
             return dataclasses.replace(node, wq=None, wk=None, wv=None, bq=None, bk=None, bv=None,
-                                       wqkv=jnp.concatenate([node.wq, node.wk, node.wv]), bqkv=bqkv)
-        if isinstance(node, Mlp) and node.up is not None and dense(node.gate, node.up):
-            return Mlp(gate=jnp.concatenate([node.gate, node.up]), up=None, down=node.down)
+                                       wqkv=stack([node.wq, node.wk, node.wv]), bqkv=bqkv)
+        if isinstance(node, Mlp) and node.up is not None and fusable(node.gate, node.up):
+            return Mlp(gate=stack([node.gate, node.up]), up=None, down=node.down)
         return node
 
     return jax.tree_util.tree_map(fuse, weights, is_leaf=lambda n: isinstance(n, (Attention, Mlp)))

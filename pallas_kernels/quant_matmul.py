@@ -40,7 +40,7 @@ MAGIC = 0x4B000000  # float32 2^23: OR-ing an integer below 2^23 into its mantis
 
 @dataclasses.dataclass(frozen=True)
 class GemvConfig:
-    variant: str = "dot"  # "dot": dequantize a tile to x's dtype, tensor-core dot; "fma": grouped sums
+    variant: str = "dot"  # "dot": dequantize a tile to x's dtype, tensor-core dot; "fma": elementwise
     block_m: int = 16  # rows of x per program ("dot"; "fma" takes all rows at once)
     block_n: int = 32  # output rows per program
     block_k: int = 1024  # inputs per loop step (a whole number of groups and super-blocks)
@@ -53,15 +53,20 @@ MAX_FMA_ROWS = 4  # rows of x the "fma" variant unrolls
 TARGET_PROGRAMS = 264  # split K until there are about this many programs (2 per H100/H200 SM)
 
 
-def choose_config(w: QuantWeight, m_rows: int, variant: str = "dot") -> GemvConfig:
-    """Block sizes for this weight and row count: the widest K step that divides the inputs, and
-    split-K until the grid has TARGET_PROGRAMS programs."""
-    f = w.fmt
+def choose_config(w: QuantWeight, m_rows: int, variant: str | None = None) -> GemvConfig:
+    """Block sizes for this weight and row count (measured on an H200, bench/quant_matmul.py sweep):
+    the "fma" variant for up to MAX_FMA_ROWS rows (narrow row blocks, 512-input steps), the tensor-core
+    "dot" variant above; split-K until the grid has TARGET_PROGRAMS programs."""
+    variant = variant or ("fma" if m_rows <= MAX_FMA_ROWS else "dot")
     k = w.shape[1]
-    block_m = 16 if m_rows <= 16 else 32 if m_rows <= 32 else 64
-    block_n = 32 if m_rows <= 32 else 64
-    widest = 1024 if m_rows <= 32 else 256  # the x tile grows with block_m: keep it in shared memory
-    block_k = next((bk for bk in (1024, 512, 256, 128, 64, 32) if bk <= widest and k % bk == 0), 32)
+    sup = w.fmt.super_group or w.fmt.group
+    if variant == "fma":
+        block_m, block_n, widest = 1, 8, 512
+    else:
+        block_m = 16 if m_rows <= 16 else 32 if m_rows <= 32 else 64
+        block_n, widest = 64, 256
+    fits = lambda bk: k % bk == 0 and (variant == "dot" or (bk % sup == 0 and (bk // sup) & (bk // sup - 1) == 0))
+    block_k = next((bk for bk in (1024, 512, 256, 128, 64, 32) if bk <= widest and fits(bk)), sup)
     m_blocks = -(-m_rows // block_m) if variant == "dot" else 1
     split_k = 1
     while (w.lo.shape[0] // block_n) * m_blocks * split_k < TARGET_PROGRAMS and k % (block_k * split_k * 2) == 0:

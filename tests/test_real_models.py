@@ -33,6 +33,7 @@ import pytest
 import ferrum_jax as fj
 from ferrum_jax.aliases import ALIASES, DEFAULT_MODEL, resolve
 from ferrum_jax.quant import GGUFWeight
+from ferrum_jax.quant.qweight import QuantWeight
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden"
@@ -152,8 +153,9 @@ class Real:
     @functools.cached_property
     def packed(self) -> fj.Model:
         model = fj.load(self.name, dtype="float32", dequantize=False, progress=False)
-        leaves = jax.tree_util.tree_leaves(model.weights, is_leaf=lambda x: isinstance(x, GGUFWeight))
-        assert any(isinstance(x, GGUFWeight) for x in leaves)
+        packed = (GGUFWeight, QuantWeight)
+        leaves = jax.tree_util.tree_leaves(model.weights, is_leaf=lambda x: isinstance(x, packed))
+        assert any(isinstance(x, QuantWeight) for x in leaves)  # repacked into the kernel layout
         return model
 
     def run(self, ids: list[int], model: fj.Model | None = None) -> list[int]:

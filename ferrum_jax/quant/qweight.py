@@ -231,11 +231,17 @@ class QuantWeight:
         return QuantWeight(lo, hi, scales_, sup, off, sup_off, perm_, fmt, (n, k), jnp.dtype(compute_dtype).name)
 
     @staticmethod
+    def can_concat(weights: list[QuantWeight]) -> bool:
+        first = weights[0]
+        return all(w.fmt == first.fmt and w.shape[1] == first.shape[1] and w.perm is None
+                   and w.compute_dtype == first.compute_dtype for w in weights)
+
+    @staticmethod
     def concat(weights: list[QuantWeight]) -> QuantWeight | None:
         """Stack weights of one format along the output rows (fused q/k/v, gate/up); None if they
         differ in format, inputs or permutation."""
         first = weights[0]
-        if any(w.fmt != first.fmt or w.shape[1] != first.shape[1] or w.perm is not None for w in weights):
+        if not QuantWeight.can_concat(weights):
             return None
 
         def cat(*arrays):

@@ -8,7 +8,9 @@ rounded: `QuantWeight.dequantize` gives ggml's values (tested against `gguf.quan
 
 from __future__ import annotations
 
+import logging
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,8 @@ from jax import lax
 from ferrum_jax.quant.gguf_blocks import LAYOUTS, _field, _nibbles, _q5_high, _scale_min_k4
 from ferrum_jax.quant.packed import GGUFWeight
 from ferrum_jax.quant.qweight import GGUF_FORMATS, QuantWeight
+
+log = logging.getLogger(__name__)
 
 
 def _f16_raw(raw: jax.Array) -> jax.Array:
@@ -85,3 +89,19 @@ def repack_gguf(w: GGUFWeight) -> QuantWeight:
     return QuantWeight.from_codes(parts["codes"], parts["scales"], fmt, mins=parts.get("mins"),
                                   super_scales=parts.get("super_scales"),
                                   super_offsets=parts.get("super_offsets"), compute_dtype=w.compute_dtype)
+
+
+def repack_weights(weights: Any) -> Any:
+    """Every packed 2-D GGUF weight of a pytree in the kernel layout; the others (types without a
+    layout, e.g. Q2_K / Q3_K) stay `GGUFWeight`s on the block-decoding path, said in a debug log."""
+
+    def convert(node: Any) -> Any:
+        if not isinstance(node, GGUFWeight):
+            return node
+        reason = can_repack(node)
+        if reason is not None:
+            log.debug("GGUF weight %s %s stays block-decoded: %s", node.ggml_type, node.shape, reason)
+            return node
+        return repack_gguf(node)
+
+    return jax.tree_util.tree_map(convert, weights, is_leaf=lambda n: isinstance(n, GGUFWeight))

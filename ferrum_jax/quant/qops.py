@@ -1,0 +1,68 @@
+"""`linear` and `embed` for `QuantWeight` (the kernel layout of GGUF, GPTQ and AWQ weights).
+
+  pallas_qmatmul  GPU, up to `KERNEL_MAX_ROWS` rows of x (decode): the Pallas kernel streams the
+                  packed codes once (pallas_kernels/quant_matmul.py), block sizes from its table.
+  xla_qweight     everywhere else (the reference): the weight is dequantized once into x's dtype
+                  and multiplied by XLA's dense matmul. With many rows (prefill) that is the fast
+                  path on GPU too: the dequantization is a small, bandwidth-bound pass next to a
+                  compute-bound matmul. An optimization barrier keeps XLA from fusing the decoding
+                  into the matmul's operand, which it does slowly.
+  embed           gathers the token rows of every plane, then dequantizes only those rows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ferrum_jax.backend import Impl, register
+from ferrum_jax.quant.qweight import QuantWeight
+from pallas_kernels import quant_matmul
+
+KERNEL_MAX_ROWS = 16  # above this, dequantize once + dense matmul wins (bench/quant_matmul.py)
+
+
+def _check(x: jax.Array, w: QuantWeight) -> None:
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"linear: x has {x.shape[-1]} features, the {w.fmt.name} weight {w.shape} expects {w.shape[1]}")
+
+
+def _qweight_only(x: Any, w: Any, *args: Any, **kwargs: Any) -> str | None:
+    return None if isinstance(w, QuantWeight) else f"weight is {type(w).__name__}, not a QuantWeight"
+
+
+def _kernel_applies(x: jax.Array, w: Any, bias: Any = None) -> str | None:
+    reason = _qweight_only(x, w)
+    if reason is not None:
+        return reason
+    rows = math.prod(x.shape[:-1])
+    if rows > KERNEL_MAX_ROWS:
+        return f"{rows} rows > {KERNEL_MAX_ROWS}: dequantize once + matmul is faster"
+    return quant_matmul.unsupported(x, w, quant_matmul.choose_config(w, rows))
+
+
+def kernel_linear(x: jax.Array, w: QuantWeight, bias: jax.Array | None = None) -> jax.Array:
+    _check(x, w)
+    y = quant_matmul.qmatmul(x, w, config=quant_matmul.choose_config(w, math.prod(x.shape[:-1])))
+    return y if bias is None else y + bias.astype(y.dtype)
+
+
+def linear(x: jax.Array, w: QuantWeight, bias: jax.Array | None = None) -> jax.Array:
+    _check(x, w)
+    dense = lax.optimization_barrier(w.dequantize(x.dtype))
+    y = jnp.einsum("...k,nk->...n", x, dense)
+    return y if bias is None else y + bias.astype(y.dtype)
+
+
+def embed(tokens: jax.Array, table: QuantWeight) -> jax.Array:
+    rows = table.take_rows(tokens)
+    return rows.dequantize(table.compute_dtype).reshape(*tokens.shape, table.shape[1])
+
+
+register("linear", Impl("pallas_qmatmul", kernel_linear, platforms=frozenset({"gpu"}), applies=_kernel_applies))
+register("linear", Impl("xla_qweight", linear, applies=_qweight_only, reference=True))
+register("embed", Impl("xla_qweight", embed, applies=lambda tokens, table: _qweight_only(tokens, table), reference=True))
