@@ -13,9 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
+from models.common import fuse_projections
 from ferrum_jax.errors import ConfigError
 from ferrum_jax.quant.gguf_blocks import LAYOUTS
 from ferrum_jax.quant.packed import GGUFWeight
+from ferrum_jax.quant.qweight import QuantWeight
+from ferrum_jax.quant.repack import repack_weights
 
 DENSE_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "f16": "float16", "float16": "float16",
                 "f32": "float32", "float32": "float32"}
@@ -95,11 +98,12 @@ def random_quantized_weights(cfg: Any, ggml_type: str = "Q4_K", compute_dtype: A
             tensors[name] = (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(compute_dtype)
             if len(shape) == 2:
                 types["dense"] = types.get("dense", 0) + 1
-    return family.build_weights(cfg, tensors), types
+    # As the loader does: repacked into the kernel layout, q/k/v and gate/up fused.
+    return fuse_projections(repack_weights(family.build_weights(cfg, tensors))), types
 
 
 def _is_weight_leaf(x: Any) -> bool:
-    return isinstance(x, GGUFWeight)
+    return isinstance(x, (GGUFWeight, QuantWeight))
 
 
 def _unique(tree: Any) -> list:
@@ -112,7 +116,7 @@ def _unique(tree: Any) -> list:
 
 
 def _nbytes(leaf: Any) -> int:
-    return int(leaf.nbytes) if isinstance(leaf, GGUFWeight) else int(leaf.size * leaf.dtype.itemsize)
+    return int(leaf.nbytes) if _is_weight_leaf(leaf) else int(leaf.size * leaf.dtype.itemsize)
 
 
 def _numel(leaf: Any) -> int:
