@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import ferrum_jax
+from ferrum_jax.quant.qweight import QuantWeight
 from ferrum_jax import bench
 from ferrum_jax.cli import main
 from ferrum_jax.quant import GGUFWeight
@@ -139,16 +140,19 @@ def tiny_q4_k():
 
 def test_random_quantized_weights_of_a_shape(tiny_q4_k):
     cfg, weights, types = tiny_q4_k
-    # llama-tiny's rows (64, 128) are not whole Q4_K blocks (256): every matrix falls back to Q8_0.
-    packed = [x for x in jax.tree_util.tree_leaves(weights, is_leaf=lambda x: isinstance(x, GGUFWeight))
-              if isinstance(x, GGUFWeight)]
-    assert types == {"Q8_0": len(packed)} and len(packed) == 2 + 7 * cfg.num_layers
+    # llama-tiny's rows (64, 128) are not whole Q4_K blocks (256): every matrix falls back to Q8_0,
+    # repacked into the kernel layout with q/k/v and gate/up fused, as the loader does.
+    packed = [x for x in jax.tree_util.tree_leaves(weights, is_leaf=lambda x: isinstance(x, QuantWeight))
+              if isinstance(x, QuantWeight)]
+    assert types == {"Q8_0": 2 + 7 * cfg.num_layers} and len(packed) == 2 + 4 * cfg.num_layers
+    assert all(w.fmt.name == "Q8_0" for w in packed)
     finite = jax.jit(lambda ws: jnp.stack([jnp.isfinite(w.dequantize(jnp.float32)).all() for w in ws]))
     assert np.asarray(finite(packed)).all()
     stats = bench.weight_stats(weights)
     assert all(w.compute_dtype == "float32" for w in packed)
     assert stats["bytes"] == sum(w.nbytes for w in packed) + 4 * (2 * cfg.num_layers + 1) * cfg.hidden_size
-    assert stats["bytes"] == bench.estimate_weight_bytes(cfg, "q4_k") + 2 * (2 * cfg.num_layers + 1) * cfg.hidden_size
+    streamed = sum(w.stream_bytes() for w in packed)  # without row padding: the GGUF bytes
+    assert streamed == bench.estimate_weight_bytes(cfg, "q4_k") - 2 * (2 * cfg.num_layers + 1) * cfg.hidden_size
     with pytest.raises(ferrum_jax.FerrumError, match="unknown quantized type"):
         bench.random_quantized_weights(cfg, "Q9_9")
 
@@ -206,7 +210,7 @@ def test_quantized_decode_runs(tiny_q4_k):
     rec = bench.bench_decode(weights, cfg, ferrum_jax.DEFAULT_OPS, batch=1, context=16, steps=2, runs=1,
                              kv_dtype=jnp.float32)
     assert rec["steps_done_min"] == 2 and rec["compiles_during_timing"] == 0
-    assert rec["dispatch"]["linear"] == "xla_dequant" and np.isfinite(rec["tokens_per_second"])
+    assert rec["dispatch"]["linear"] == "xla_qweight" and np.isfinite(rec["tokens_per_second"])
 
 
 if __name__ == "__main__":
