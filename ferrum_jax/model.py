@@ -22,6 +22,8 @@ from ferrum_jax.gguf_tokenizer import tokenizer_from_gguf
 from ferrum_jax.loading.gguf import load_gguf
 from ferrum_jax.loading.gptq import load_hf_tensors  # dense, or GPTQ / AWQ (quantization_config)
 from ferrum_jax.loading.sharded import load_gguf_sharded, load_safetensors_sharded
+from ferrum_jax.quant.packed import GGUFWeight
+from ferrum_jax.quant.qweight import QuantWeight
 from ferrum_jax.quant.repack import repack_weights
 from ferrum_jax.tokenizer import Tokenizer
 
@@ -48,9 +50,15 @@ class Model:
 
     @property
     def dtype(self) -> jnp.dtype:
-        # The activation dtype: that of the dense leaves (packed weights are uint8 blocks).
-        return next(leaf.dtype for leaf in jax.tree_util.tree_leaves(self.weights)
-                    if jnp.issubdtype(leaf.dtype, jnp.floating))
+        # The activation dtype: that of the dense leaves. Packed weights (GGUF blocks, the kernel
+        # layout's codes and f16 scales) say theirs in `compute_dtype`.
+        packed = (GGUFWeight, QuantWeight)
+        for leaf in jax.tree_util.tree_leaves(self.weights, is_leaf=lambda x: isinstance(x, packed)):
+            if isinstance(leaf, packed):
+                return jnp.dtype(leaf.compute_dtype)
+            if jnp.issubdtype(leaf.dtype, jnp.floating):
+                return leaf.dtype
+        raise ConfigError("the model has no floating-point weights to take its activation dtype from")
 
     @property
     def nbytes(self) -> int:

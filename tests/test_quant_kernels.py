@@ -116,3 +116,14 @@ def test_dispatch_and_fusion():
     assert impl.name == "xla_qweight" and "dequantize once" in str(choice)
     impl, _ = fj.Ops(platform="gpu").choose("linear", jnp.ones((1, 256), jnp.bfloat16), ws[0])
     assert impl.name == "pallas_qmatmul"
+
+
+def test_model_dtype_ignores_the_scales_of_packed_weights():
+    """The activation (and KV cache) dtype comes from dense leaves or a packed weight's compute
+    dtype, never from a QuantWeight's float16 scales (that once made f32 models run an f16 cache)."""
+    rng = np.random.default_rng(5)
+    g = GGUFWeight.from_numpy(_random_bytes(rng, "Q8_0", (8, 256)), "Q8_0", (8, 256), compute_dtype="float32")
+    q = repack_gguf(g)
+    assert q.scales.dtype == jnp.float16
+    assert fj.Model(None, {"a": q, "b": jnp.ones(3, jnp.float32)}, None).dtype == jnp.float32
+    assert fj.Model(None, {"a": jnp.ones(3, jnp.bfloat16), "b": q}, None).dtype == jnp.bfloat16

@@ -65,11 +65,7 @@ def results(checkpoints) -> dict:
 
 @pytest.mark.parametrize("case", [f"{f}-{m}" for f in ("llama", "gemma3") for m in MESHES]
                          + ["llama-tp4-shard_model", "gemma3-tp4-shard_model", "gguf-dequantized-tp2xdp2",
-                            pytest.param("gguf-packed-tp2xdp2", marks=pytest.mark.xfail(
-                                reason="open: the single-device reference now runs QuantWeight (repacked) and "
-                                       "differs from block-decoded/dense logits by ~7e-4 relative on this tiny "
-                                       "Q8_0 model although every weight, linear and embed is bit-identical; "
-                                       "see the issue 4 note", strict=False))])
+                            "gguf-packed-tp2xdp2"])
 def test_sharded_generation_matches_single_device(results, case):
     r = results["cases"][case]
     assert r["tokens_equal"], f"{case}: greedy tokens differ: {r['tokens']}"
