@@ -20,38 +20,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ferrum_jax.bench.ceilings import device_ceilings  # noqa: E402
 
 
-def kernel(x_ref, w_ref, s_ref, o_ref, *, mode, bn, bkh, steps, evict):
+def kernel(x_ref, w_ref, s_ref, o_ref, *, mode, bn, bkh, steps, evict, prefetch=0):
     base = pl.program_id(1) * steps * bkh
 
-    def step(t, acc):
-        c0 = pl.multiple_of(base + t * bkh, bkh)
+    def load(t):
+        c0 = pl.multiple_of(base + jnp.minimum(t, steps - 1) * bkh, bkh)
         if evict:
-            b = plt.load(w_ref.at[:, pl.ds(c0, bkh)], eviction_policy="evict_first").astype(jnp.int32)
-        else:
-            b = w_ref[:, pl.ds(c0, bkh)].astype(jnp.int32)
+            return plt.load(w_ref.at[:, pl.ds(c0, bkh)], eviction_policy="evict_first")
+        return w_ref[:, pl.ds(c0, bkh)]
+
+    def compute(t, b, acc):
+        c0 = pl.multiple_of(base + t * bkh, bkh)
         if mode == "load":
             return acc + b.astype(jnp.float32)
         lo = lax.bitcast_convert_type((b & 15) | 0x4B000000, jnp.float32) - 8388608.0
         hi = lax.bitcast_convert_type((b >> 4) | 0x4B000000, jnp.float32) - 8388608.0
         xl = x_ref[0, pl.ds(c0, bkh)][None, :]
         xh = x_ref[1, pl.ds(c0, bkh)][None, :]
-        if mode == "group":
-            ng = bkh // 16
-            s = s_ref[:, pl.ds(pl.multiple_of(c0 // 16, ng), ng)].astype(jnp.float32)
-            lo3 = lo.reshape(bn, ng, 16) * s[:, :, None]
-            hi3 = hi.reshape(bn, ng, 16) * s[:, :, None]
-            return acc + (lo3 * xl.reshape(1, ng, 16) + hi3 * xh.reshape(1, ng, 16)).reshape(bn, bkh)
         return acc + lo * xl + hi * xh
 
-    acc = lax.fori_loop(0, steps, step, jnp.zeros((bn, bkh), jnp.float32))
+    zero = jnp.zeros((bn, bkh), jnp.float32)
+    if prefetch:  # software pipelining by hand: tile t + 1 is requested before tile t is used
+        def pstep(t, carry):
+            acc, cur = carry
+            nxt = load(t + 1)
+            return compute(t, cur.astype(jnp.int32), acc), nxt
+
+        acc = lax.fori_loop(0, steps, pstep, (zero, load(0)))[0]
+    else:
+        acc = lax.fori_loop(0, steps, lambda t, acc: compute(t, load(t).astype(jnp.int32), acc), zero)
     o_ref[0, :] = jnp.sum(acc, axis=1)
 
 
-def run(mode, x, w, s, bn, bkh, split, warps, stages, evict):
+def run(mode, x, w, s, bn, bkh, split, warps, stages, evict, prefetch=0):
     n, kh = w.shape
     steps = kh // (bkh * split)
     out = pl.pallas_call(
-        partial(kernel, mode=mode, bn=bn, bkh=bkh, steps=steps, evict=evict),
+        partial(kernel, mode=mode, bn=bn, bkh=bkh, steps=steps, evict=evict, prefetch=prefetch),
         out_shape=jax.ShapeDtypeStruct((split, n), jnp.float32), grid=(n // bn, split),
         in_specs=[pl.BlockSpec(x.shape, lambda i, j: (0, 0)), pl.BlockSpec((bn, kh), lambda i, j: (i, 0)),
                   pl.BlockSpec((bn, s.shape[1]), lambda i, j: (i, 0))],
@@ -70,9 +75,11 @@ def main():
     x = jax.random.normal(key, (2, k // 2), jnp.float32)
     nbytes = n * k // 2 + n * k // 32 * 2
     print(f"copy {bw / 1e12:.2f} TB/s; {n}x{k} 4-bit ({nbytes / 1e6:.1f} MB) x {copies} copies", flush=True)
-    for mode, bn, bkh, split, warps, stages, evict in itertools.product(
-            ["load", "unpack", "group"], [8, 32], [256, 512], [1, 4], [4], [3], [False, True]):
-        f = jax.jit(lambda x, ws, ss: tuple(run(mode, x, w, s, bn, bkh, split, warps, stages, evict) for w, s in zip(ws, ss)))
+    for mode, prefetch, bn, bkh, split, warps in itertools.product(
+            ["load", "unpack"], [0, 1], [8, 16], [256, 512], [1, 2, 4], [2, 4]):
+        stages, evict = 1 if prefetch else 3, True
+        f = jax.jit(lambda x, ws, ss: tuple(run(mode, x, w, s, bn, bkh, split, warps, stages, evict, prefetch)
+                                            for w, s in zip(ws, ss)))
         try:
             jax.block_until_ready(f(x, ws, ss))
         except Exception as e:  # noqa: BLE001
@@ -82,7 +89,7 @@ def main():
             t0 = time.perf_counter(); outs = [f(x, ws, ss) for _ in range(3)]; jax.block_until_ready(outs)
             times.append((time.perf_counter() - t0) / 3 / copies)
         t = statistics.median(times)
-        print(f"{mode:6s} bn={bn:3d} bkh={bkh:4d} split={split} warps={warps} evict={evict!s:5s} {t * 1e6:7.1f} us {nbytes / t / bw:6.1%}", flush=True)
+        print(f"{mode:6s} prefetch={prefetch} bn={bn:3d} bkh={bkh:4d} split={split} warps={warps} {t * 1e6:7.1f} us {nbytes / t / bw:6.1%}", flush=True)
 
 
 main()
