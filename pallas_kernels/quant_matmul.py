@@ -177,56 +177,65 @@ def _kernel(*refs, f, present: tuple[bool, ...], half: int, steps: int, variant:
             o_ref[0, m, :] = jnp.sum(acc[m], axis=1)
 
 
-def _fma_kernel(*refs, f, present: tuple[bool, ...], nsb: int, steps: int, m_rows: int):
-    """Elementwise variant: tiles [block_n, super-rows, R, B, W] in the layout's own shape, so each
-    scale and offset is loaded once per group and broadcast (no gathers, no reshapes); products
-    accumulate elementwise across the loop and are reduced once at the end."""
+def _unpack_refs(refs, present: tuple[bool, ...], n_in: int):
+    """(inputs before the weight, weight refs by name, output ref) from a kernel's ref list."""
     has_hi, has_ss, has_of, has_so = present
-    a_fields, b_fields, wd = f.split
-    hb = f.bits - 4
     it = iter(refs)
-    x_ref, lo_ref = next(it), next(it)  # x [M, K/S, R, A, B, W]; lo [BN, K/S, R, B, W]
-    hi_ref = next(it) if has_hi else None  # [BN, K/S, R, 1, W]
-    sc_ref = next(it)  # [BN, K/S, R]
-    ss_ref = next(it) if has_ss else None  # [BN, K/S]
-    of_ref = next(it) if has_of else None  # [BN, K/S, R]
-    so_ref = next(it) if has_so else None  # [BN, K/S]
-    o_ref = next(it)
-    block_n = lo_ref.shape[0]
-    r = lo_ref.shape[2]
-    base = pl.program_id(2) * steps * nsb
+    head = [next(it) for _ in range(n_in)]
+    names = ["lo"] + ["hi"] * has_hi + ["sc"] + ["ss"] * has_ss + ["of"] * has_of + ["so"] * has_so
+    wrefs = {name: next(it) for name in names}
+    return head, wrefs, next(it)
+
+
+def _decode_tile(f, wrefs: dict, blk) -> list[jax.Array]:
+    """The weights of super-rows `blk` of a row block, one float32 [BN, nsb, R, B, W] per field a
+    (refs in the layout's own shape: lo [BN, K/S, R, B, W], hi [BN, K/S, R, 1, W], scales and
+    offsets [BN, K/S, R], super-block values [BN, K/S]); each scale and offset is loaded once per
+    group and broadcast: no gathers, no reshapes."""
+    a_fields, b_fields, _ = f.split
+    hb = f.bits - 4
+    s = wrefs["sc"][:, blk, :].astype(jnp.float32)  # [BN, nsb, R]
+    if "ss" in wrefs:
+        s = s * wrefs["ss"][:, blk].astype(jnp.float32)[:, :, None]
+    o = None
+    if f.offset == "const":
+        o = f.const * s
+    elif f.offset == "zero":
+        o = wrefs["of"][:, blk, :].astype(jnp.float32) * s
+    elif f.offset == "min":
+        o = -wrefs["of"][:, blk, :].astype(jnp.float32)
+    elif f.offset == "kmin":
+        o = wrefs["so"][:, blk].astype(jnp.float32)[:, :, None] * wrefs["of"][:, blk, :].astype(jnp.float32)
+    s = s[:, :, :, None, None]
+    o = None if o is None else o[:, :, :, None, None]
+    lo = wrefs["lo"][:, blk, :, :, :].astype(jnp.int32)  # [BN, nsb, R, B, W]
+    h = wrefs["hi"][:, blk, :, :, :].astype(jnp.int32) if "hi" in wrefs else None
     field = jnp.arange(b_fields, dtype=jnp.int32)[None, None, None, :, None]
+    out = []
+    for a in range(a_fields):
+        if f.bits == 8:
+            w = lo.astype(jnp.float32) * s
+        else:
+            q = (lo >> (4 * a)) & 15
+            if h is not None:
+                q = q | (((h >> (hb * (a * b_fields + field))) & ((1 << hb) - 1)) << 4)
+            w = _to_float(q) * s
+        out.append(w if o is None else w - o)
+    return out
+
+
+def _fma_kernel(*refs, f, present: tuple[bool, ...], nsb: int, steps: int, m_rows: int):
+    """Elementwise variant: products with x accumulate elementwise across the loop and are reduced
+    once at the end."""
+    (x_ref,), wrefs, o_ref = _unpack_refs(refs, present, 1)  # x [M, K/S, R, A, B, W]
+    _, b_fields, wd = f.split
+    block_n, r = wrefs["lo"].shape[0], wrefs["lo"].shape[2]
+    base = pl.program_id(2) * steps * nsb
 
     def step(t, acc):
-        c0 = pl.multiple_of(base + t * nsb, nsb)
-        blk = pl.ds(c0, nsb)
-        s = sc_ref[:, blk, :].astype(jnp.float32)  # [BN, nsb, R]
-        if ss_ref is not None:
-            s = s * ss_ref[:, blk].astype(jnp.float32)[:, :, None]
-        o = None
-        if f.offset == "const":
-            o = f.const * s
-        elif f.offset == "zero":
-            o = of_ref[:, blk, :].astype(jnp.float32) * s
-        elif f.offset == "min":
-            o = -of_ref[:, blk, :].astype(jnp.float32)
-        elif f.offset == "kmin":
-            o = so_ref[:, blk].astype(jnp.float32)[:, :, None] * of_ref[:, blk, :].astype(jnp.float32)
-        s = s[:, :, :, None, None]
-        o = None if o is None else o[:, :, :, None, None]
-        lo = lo_ref[:, blk, :, :, :].astype(jnp.int32)  # [BN, nsb, R, B, W]
-        h = hi_ref[:, blk, :, :, :].astype(jnp.int32) if hi_ref is not None else None
+        blk = pl.ds(pl.multiple_of(base + t * nsb, nsb), nsb)
         acc = list(acc)
-        for a in range(a_fields):
-            if f.bits == 8:
-                w = lo.astype(jnp.float32) * s
-            else:
-                q = (lo >> (4 * a)) & 15
-                if h is not None:
-                    q = q | (((h >> (hb * (a * b_fields + field))) & ((1 << hb) - 1)) << 4)
-                w = _to_float(q) * s
-            if o is not None:
-                w = w - o
+        for a, w in enumerate(_decode_tile(f, wrefs, blk)):
             for m in range(m_rows):
                 acc[m] = acc[m] + w * x_ref[m, blk, :, a, :, :].astype(jnp.float32)[None]
         return tuple(acc)
@@ -237,15 +246,23 @@ def _fma_kernel(*refs, f, present: tuple[bool, ...], nsb: int, steps: int, m_row
         o_ref[0, m, :] = jnp.sum(jnp.sum(jnp.sum(jnp.sum(acc[m], axis=4), axis=3), axis=2), axis=1)
 
 
-def _fma_call(x2: jax.Array, w: QuantWeight, config: GemvConfig, params: dict, interpret: bool) -> jax.Array:
+def _dequant_kernel(*refs, f, present: tuple[bool, ...], nsb: int):
+    """One [BN, nsb super-rows] tile of the dense weight, written in the logical column order
+    (out [BN, K/S, R, A, B, W] is the [BN, K] matrix)."""
+    _, wrefs, o_ref = _unpack_refs(refs, present, 0)
+    blk = pl.ds(pl.multiple_of(pl.program_id(1) * nsb, nsb), nsb)
+    for a, w in enumerate(_decode_tile(f, wrefs, blk)):
+        o_ref[:, :, :, a, :, :] = w.astype(o_ref.dtype)
+
+
+def _weight_views(w: QuantWeight) -> tuple[list[jax.Array], tuple[bool, ...]]:
+    """The weight's leaves viewed in the layout's own tile shape (see `_decode_tile`)."""
     f = w.fmt
     n_pad, k = w.lo.shape[0], w.shape[1]
-    m_rows = x2.shape[0]
-    a_fields, b_fields, wd = f.split
+    _, b_fields, wd = f.split
     sup = f.super_group or f.group
     r, nsup = sup // f.group, k // sup
-    views = [x2.astype(jnp.float32).reshape(m_rows, nsup, r, a_fields, b_fields, wd),
-             w.lo.reshape(n_pad, nsup, r, b_fields, wd)]
+    views = [w.lo.reshape(n_pad, nsup, r, b_fields, wd)]
     if w.hi is not None:
         views.append(w.hi.reshape(n_pad, nsup, r, 1, wd))
     views.append(w.scales.reshape(n_pad, nsup, r))
@@ -256,6 +273,55 @@ def _fma_call(x2: jax.Array, w: QuantWeight, config: GemvConfig, params: dict, i
     if w.super_offsets is not None:
         views.append(w.super_offsets)
     present = tuple(leaf is not None for leaf in (w.hi, w.super_scales, w.offsets, w.super_offsets))
+    return views, present
+
+
+def _triton_params(num_warps: int, num_stages: int, interpret: bool) -> dict:
+    if interpret:
+        return {}
+    from jax.experimental.pallas import triton as pl_triton
+    return {"compiler_params": pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)}
+
+
+@partial(jax.jit, static_argnames=("dtype", "block_n", "block_k", "interpret"))
+def dequantize(w: QuantWeight, dtype=jnp.bfloat16, *, block_n: int = 32, block_k: int = 512,
+               interpret: bool = False) -> jax.Array:
+    """The dense [N, K] weight in `dtype` (perm undone), one pass: read the packed bytes, write the
+    dense ones. The GEMM path for many rows of x: dequantize once, then a dense matmul."""
+    f = w.fmt
+    n_pad, k = w.lo.shape[0], w.shape[1]
+    a_fields, b_fields, wd = f.split
+    sup = f.super_group or f.group
+    r, nsup = sup // f.group, k // sup
+    nsb = max(1, min(block_k // sup, nsup))
+    while nsup % nsb:
+        nsb //= 2
+    views, present = _weight_views(w)
+    zeros = lambda nd: (0,) * nd
+    out = pl.pallas_call(
+        partial(_dequant_kernel, f=f, present=present, nsb=nsb),
+        out_shape=jax.ShapeDtypeStruct((n_pad, nsup, r, a_fields, b_fields, wd), dtype),
+        grid=(n_pad // block_n, nsup // nsb),
+        in_specs=[pl.BlockSpec((block_n, *v.shape[1:]), lambda i, j, nd=v.ndim: (i,) + zeros(nd - 1)) for v in views],
+        out_specs=pl.BlockSpec((block_n, nsb, r, a_fields, b_fields, wd), lambda i, j: (i, j, 0, 0, 0, 0)),
+        interpret=interpret,
+        **_triton_params(4, 1, interpret),
+    )(*views)
+    dense = out.reshape(n_pad, k)[: w.shape[0]]
+    if w.perm is not None:
+        dense = jnp.zeros_like(dense).at[:, w.perm].set(dense)
+    return dense
+
+
+def _fma_call(x2: jax.Array, w: QuantWeight, config: GemvConfig, params: dict, interpret: bool) -> jax.Array:
+    f = w.fmt
+    n_pad, k = w.lo.shape[0], w.shape[1]
+    m_rows = x2.shape[0]
+    a_fields, b_fields, wd = f.split
+    sup = f.super_group or f.group
+    r, nsup = sup // f.group, k // sup
+    views, present = _weight_views(w)
+    views = [x2.astype(jnp.float32).reshape(m_rows, nsup, r, a_fields, b_fields, wd)] + views
     nsb = config.block_k // sup
     steps = nsup // (nsb * config.split_k)
     bn = config.block_n

@@ -113,7 +113,7 @@ def test_dispatch_and_fusion():
         fj.Ops(platform="cpu").linear(jnp.ones((1, 256)), ws[0])
     assert log[0].impl == "xla_qweight"
     impl, choice = fj.Ops(platform="gpu").choose("linear", jnp.ones((4096, 256), jnp.bfloat16), ws[0])
-    assert impl.name == "xla_qweight" and "dequantize once" in str(choice)
+    assert impl.name == "pallas_dequant_matmul" and "dequantize once" in str(choice)
     impl, _ = fj.Ops(platform="gpu").choose("linear", jnp.ones((1, 256), jnp.bfloat16), ws[0])
     assert impl.name == "pallas_qmatmul"
 
@@ -127,3 +127,15 @@ def test_model_dtype_ignores_the_scales_of_packed_weights():
     assert q.scales.dtype == jnp.float16
     assert fj.Model(None, {"a": q, "b": jnp.ones(3, jnp.float32)}, None).dtype == jnp.float32
     assert fj.Model(None, {"a": jnp.ones(3, jnp.bfloat16), "b": q}, None).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("ggml_type", GGUF_TYPES)
+def test_pallas_dequantize_gguf(ggml_type):
+    w, want = _gguf(np.random.default_rng(6), ggml_type, (40, 1024))
+    got = np.asarray(qm.dequantize(w, jnp.float32, interpret=True))
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+
+
+def test_pallas_dequantize_gptq_act_order():
+    w, want = _gptq(np.random.default_rng(7), 4, 72, 384, 32, perm=True)
+    np.testing.assert_allclose(np.asarray(qm.dequantize(w, jnp.float32, interpret=True)), want, rtol=1e-6, atol=1e-7)

@@ -2,11 +2,11 @@
 
   pallas_qmatmul  GPU, up to `KERNEL_MAX_ROWS` rows of x (decode): the Pallas kernel streams the
                   packed codes once (pallas_kernels/quant_matmul.py), block sizes from its table.
-  xla_qweight     everywhere else (the reference): the weight is dequantized once into x's dtype
-                  and multiplied by XLA's dense matmul. With many rows (prefill) that is the fast
-                  path on GPU too: the dequantization is a small, bandwidth-bound pass next to a
-                  compute-bound matmul. An optimization barrier keeps XLA from fusing the decoding
-                  into the matmul's operand, which it does slowly.
+  pallas_dequant_matmul  GPU, more rows (prefill): a Pallas pass writes the dense weight in x's
+                  dtype (reads the packed bytes once, writes the dense ones), then XLA's dense
+                  matmul; the decoding is small next to a compute-bound matmul.
+  xla_qweight     everywhere else (the reference): the same in jnp. An optimization barrier keeps
+                  XLA from fusing the decoding into the matmul's operand, which it does slowly.
   embed           gathers the token rows of every plane, then dequantizes only those rows.
 """
 
@@ -51,6 +51,16 @@ def kernel_linear(x: jax.Array, w: QuantWeight, bias: jax.Array | None = None) -
     return y if bias is None else y + bias.astype(y.dtype)
 
 
+def _dequant_applies(x: jax.Array, w: Any, bias: Any = None) -> str | None:
+    return _qweight_only(x, w)
+
+
+def dequant_linear(x: jax.Array, w: QuantWeight, bias: jax.Array | None = None) -> jax.Array:
+    _check(x, w)
+    y = jnp.einsum("...k,nk->...n", x, quant_matmul.dequantize(w, x.dtype))
+    return y if bias is None else y + bias.astype(y.dtype)
+
+
 def linear(x: jax.Array, w: QuantWeight, bias: jax.Array | None = None) -> jax.Array:
     _check(x, w)
     dense = lax.optimization_barrier(w.dequantize(x.dtype))
@@ -64,5 +74,6 @@ def embed(tokens: jax.Array, table: QuantWeight) -> jax.Array:
 
 
 register("linear", Impl("pallas_qmatmul", kernel_linear, platforms=frozenset({"gpu"}), applies=_kernel_applies))
+register("linear", Impl("pallas_dequant_matmul", dequant_linear, platforms=frozenset({"gpu"}), applies=_dequant_applies))
 register("linear", Impl("xla_qweight", linear, applies=_qweight_only, reference=True))
 register("embed", Impl("xla_qweight", embed, applies=lambda tokens, table: _qweight_only(tokens, table), reference=True))
