@@ -203,7 +203,7 @@ def main() -> None:
     p.add_argument("--warps", nargs="+", type=int, default=[4, 8])
     p.add_argument("--stages", nargs="+", type=int, default=[3])
     p.add_argument("--variant", default=None, choices=["dot", "fma"], help="default: the kernel's own choice")
-    p.add_argument("--kernel-max-rows", type=int, default=16, help="time the kernel up to this many rows")
+    p.add_argument("--kernel-max-rows", type=int, default=64, help="time the kernel up to this many rows")
     p.add_argument("--out", default=None, help="write a JSON file here")
     p.add_argument("--commit", default=None)
     args = p.parse_args()

@@ -1,6 +1,6 @@
 """`linear` and `embed` for `QuantWeight` (the kernel layout of GGUF, GPTQ and AWQ weights).
 
-  pallas_qmatmul  GPU, up to `KERNEL_MAX_ROWS` rows of x (decode): the Pallas kernel streams the
+  pallas_qmatmul  GPU, up to `KERNEL_MAX_ROWS` rows of x (decode, small batches): the Pallas kernel streams the
                   packed codes once (pallas_kernels/quant_matmul.py), block sizes from its table.
   pallas_dequant_matmul  GPU, more rows (prefill): a Pallas pass writes the dense weight in x's
                   dtype (reads the packed bytes once, writes the dense ones), then XLA's dense
