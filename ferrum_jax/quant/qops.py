@@ -23,7 +23,7 @@ from ferrum_jax.backend import Impl, register
 from ferrum_jax.quant.qweight import QuantWeight
 from pallas_kernels import quant_matmul
 
-KERNEL_MAX_ROWS = 16  # above this, dequantize once + dense matmul wins (bench/quant_matmul.py)
+KERNEL_MAX_ROWS = 64  # above this, dequantize once + dense matmul wins (H200, bench/quant_matmul.py)
 
 
 def _check(x: jax.Array, w: QuantWeight) -> None:
