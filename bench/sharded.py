@@ -196,8 +196,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--copy-bytes", type=int, default=None, help="copy-bandwidth buffer (default: the bench's)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="folder for the JSON ('' for none)")
+    ap.add_argument("--commit", default=None, help="the git commit to record (the device machine has no .git)")
     args = ap.parse_args()
     result = run(args)
+    result["commit"] = args.commit
+    result["jax"] = jax.__version__
     if args.out:
         kind = "".join(c if c.isalnum() else "-" for c in result["device_kind"].lower()).strip("-")
         path = Path(args.out) / f"sharded_{args.shape}_{args.dtype}_{kind}.json"
