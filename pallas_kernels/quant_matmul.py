@@ -40,7 +40,7 @@ MAGIC = 0x4B000000  # float32 2^23: OR-ing an integer below 2^23 into its mantis
 
 @dataclasses.dataclass(frozen=True)
 class GemvConfig:
-    variant: str = "dot"  # "dot": dequantize a tile to x's dtype, tensor-core dot; "fma": elementwise
+    variant: str = "dot"  # "dot": dequantized tile, tensor-core dot; "fma": elementwise; "dp4a": int8 dots
     block_m: int = 16  # rows of x per program ("dot"; "fma" takes all rows at once)
     block_n: int = 32  # output rows per program
     block_k: int = 1024  # inputs per loop step (a whole number of groups and super-blocks)
@@ -60,7 +60,7 @@ def choose_config(w: QuantWeight, m_rows: int, variant: str | None = None) -> Ge
     variant = variant or ("fma" if m_rows <= MAX_FMA_ROWS else "dot")
     k = w.shape[1]
     sup = w.fmt.super_group or w.fmt.group
-    if variant == "fma":
+    if variant in ("fma", "dp4a"):
         block_m, block_n, widest = 1, 8, 512
     else:
         block_m = 16 if m_rows <= 16 else 32 if m_rows <= 32 else 64
@@ -90,9 +90,11 @@ def unsupported(x: jax.Array, w: QuantWeight, config: GemvConfig) -> str | None:
         return f"{w.shape[1]} inputs do not split into {config.split_k} x {bk}"
     if w.lo.shape[0] % config.block_n:
         return f"{w.lo.shape[0]} rows are not a multiple of block_n {config.block_n}"
-    if config.variant == "fma":
+    if config.variant == "dp4a" and (w.fmt.bits not in (4, 8) or w.fmt.split[1] != 1):
+        return f"the dp4a variant reads 4- and 8-bit codes, not {w.fmt.bits}-bit"
+    if config.variant in ("fma", "dp4a"):
         if math.prod(x.shape[:-1]) > MAX_FMA_ROWS:
-            return f"the fma variant takes at most {MAX_FMA_ROWS} rows"
+            return f"the {config.variant} variant takes at most {MAX_FMA_ROWS} rows"
         sup = w.fmt.super_group or w.fmt.group
         if bk % sup or (bk // sup) & (bk // sup - 1):
             return f"block_k {bk} is not a power-of-two number of {sup}-blocks"
@@ -194,18 +196,7 @@ def _decode_tile(f, wrefs: dict, blk) -> list[jax.Array]:
     group and broadcast: no gathers, no reshapes."""
     a_fields, b_fields, _ = f.split
     hb = f.bits - 4
-    s = wrefs["sc"][:, blk, :].astype(jnp.float32)  # [BN, nsb, R]
-    if "ss" in wrefs:
-        s = s * wrefs["ss"][:, blk].astype(jnp.float32)[:, :, None]
-    o = None
-    if f.offset == "const":
-        o = f.const * s
-    elif f.offset == "zero":
-        o = wrefs["of"][:, blk, :].astype(jnp.float32) * s
-    elif f.offset == "min":
-        o = -wrefs["of"][:, blk, :].astype(jnp.float32)
-    elif f.offset == "kmin":
-        o = wrefs["so"][:, blk].astype(jnp.float32)[:, :, None] * wrefs["of"][:, blk, :].astype(jnp.float32)
+    s, o = _group_scales(f, wrefs, blk)
     s = s[:, :, :, None, None]
     o = None if o is None else o[:, :, :, None, None]
     lo = wrefs["lo"][:, blk, :, :, :].astype(jnp.int32)  # [BN, nsb, R, B, W]
@@ -222,6 +213,23 @@ def _decode_tile(f, wrefs: dict, blk) -> list[jax.Array]:
             w = _to_float(q) * s
         out.append(w if o is None else w - o)
     return out
+
+
+def _group_scales(f, wrefs: dict, blk) -> tuple[jax.Array, jax.Array | None]:
+    """(s, o) of every group of super-rows `blk`: float32 [BN, nsb, R] each (o None for "none")."""
+    s = wrefs["sc"][:, blk, :].astype(jnp.float32)  # [BN, nsb, R]
+    if "ss" in wrefs:
+        s = s * wrefs["ss"][:, blk].astype(jnp.float32)[:, :, None]
+    o = None
+    if f.offset == "const":
+        o = f.const * s
+    elif f.offset == "zero":
+        o = wrefs["of"][:, blk, :].astype(jnp.float32) * s
+    elif f.offset == "min":
+        o = -wrefs["of"][:, blk, :].astype(jnp.float32)
+    elif f.offset == "kmin":
+        o = wrefs["so"][:, blk].astype(jnp.float32)[:, :, None] * wrefs["of"][:, blk, :].astype(jnp.float32)
+    return s, o
 
 
 def _fma_kernel(*refs, f, present: tuple[bool, ...], nsb: int, steps: int, m_rows: int):
@@ -244,6 +252,111 @@ def _fma_kernel(*refs, f, present: tuple[bool, ...], nsb: int, steps: int, m_row
     acc = lax.fori_loop(0, steps, step, tuple(jnp.zeros(shape, jnp.float32) for _ in range(m_rows)))
     for m in range(m_rows):
         o_ref[0, m, :] = jnp.sum(jnp.sum(jnp.sum(jnp.sum(acc[m], axis=4), axis=3), axis=2), axis=1)
+
+
+# dp4a: four int8 products summed into an int32 in one instruction. A 32-bit word of a 4-bit plane
+# holds the low nibbles of 4 elements and the high nibbles of 4 others: two masks, two dp4a cover 8
+# weights. `pack=4` hands the asm 4 bytes of each input in one register; it must also return 4
+# values, so the sum goes in the first and the other three are 0 (summed away with the group).
+_DP4A_NIBBLES = """{
+.reg .b32 lo, hi;
+and.b32 lo, $4, 0x0F0F0F0F;
+shr.u32 hi, $4, 4;
+and.b32 hi, hi, 0x0F0F0F0F;
+dp4a.u32.s32 $0, lo, $5, 0;
+dp4a.u32.s32 $0, hi, $6, $0;
+mov.b32 $1, 0;
+mov.b32 $2, 0;
+mov.b32 $3, 0;
+}"""
+_DP4A_BYTES = """{{
+dp4a.{a}.s32 $0, $4, $5, 0;
+mov.b32 $1, 0;
+mov.b32 $2, 0;
+mov.b32 $3, 0;
+}}"""
+
+
+def _dp4a(codes: jax.Array, xs: list[jax.Array], bits: int, signed: bool, interpret: bool) -> jax.Array:
+    """int32 with the same shape as `codes`, whose sum over the last axis is sum(q * x): the codes'
+    elements times the int8 activations `xs` (low/high nibble halves for 4 bits, else one)."""
+    if interpret:  # the same sums, elementwise in jnp (inline PTX runs on the GPU only)
+        c = codes.astype(jnp.int32)
+        if bits == 4:
+            return (c & 15) * xs[0].astype(jnp.int32) + (c >> 4) * xs[1].astype(jnp.int32)
+        return c * xs[0].astype(jnp.int32)
+    from jax.experimental.pallas import triton as pl_triton
+    asm = _DP4A_NIBBLES if bits == 4 else _DP4A_BYTES.format(a="s32" if signed else "u32")
+    constraints = "=r,=r,=r,=r," + ",".join("r" * (1 + len(xs)))
+    [out] = pl_triton.elementwise_inline_asm(asm, args=[codes, *xs], constraints=constraints, pack=4,
+                                             result_shape_dtypes=[jax.ShapeDtypeStruct(codes.shape, jnp.int32)])
+    return out
+
+
+def quantize_activations(x: jax.Array, group: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [M, K] -> (int8 codes [M, K], scale [M, K/group], exact sum [M, K/group]): symmetric int8
+    per group of inputs (llama.cpp's q8_1 idea), so the weights' codes meet x in integer dots."""
+    m, k = x.shape
+    xg = x.astype(jnp.float32).reshape(m, k // group, group)
+    amax = jnp.max(jnp.abs(xg), axis=2)
+    d = jnp.where(amax > 0, amax / 127.0, 1.0)
+    xq = jnp.clip(jnp.round(xg / d[:, :, None]), -127, 127).astype(jnp.int8)
+    return xq.reshape(m, k), d, jnp.sum(xg, axis=2)
+
+
+def _dp4a_kernel(*refs, f, present: tuple[bool, ...], nsb: int, steps: int, m_rows: int, interpret: bool):
+    """Integer variant (4- and 8-bit codes, few rows): x is quantized to int8 per group, each group's
+    sum(q * x) is an int32 from dp4a instructions (8 weights in 5 instructions for 4 bits), and the
+    scale and offset apply once per group."""
+    (xq_ref, xd_ref, xs_ref), wrefs, o_ref = _unpack_refs(refs, present, 3)  # x [M, K/S, R, A, 1, W]
+    block_n = wrefs["lo"].shape[0]
+    base = pl.program_id(2) * steps * nsb
+
+    def step(t, acc):
+        blk = pl.ds(pl.multiple_of(base + t * nsb, nsb), nsb)
+        s, o = _group_scales(f, wrefs, blk)  # [BN, nsb, R]
+        codes = wrefs["lo"][:, blk, :, 0, :]  # [BN, nsb, R, W]
+        out = []
+        for m in range(m_rows):
+            xs = [jnp.broadcast_to(xq_ref[m, blk, :, a, 0, :][None], codes.shape) for a in range(f.split[0])]
+            p = jnp.sum(_dp4a(codes, xs, f.bits, f.signed, interpret), axis=3).astype(jnp.float32)
+            y = s * (p * xd_ref[m, blk, :][None])
+            if o is not None:
+                y = y - o * xs_ref[m, blk, :][None]
+            out.append(acc[m] + jnp.sum(jnp.sum(y, axis=2), axis=1))
+        return tuple(out)
+
+    acc = lax.fori_loop(0, steps, step, tuple(jnp.zeros((block_n,), jnp.float32) for _ in range(m_rows)))
+    for m in range(m_rows):
+        o_ref[0, m, :] = acc[m]
+
+
+def _dp4a_call(x2: jax.Array, w: QuantWeight, config: GemvConfig, params: dict, interpret: bool) -> jax.Array:
+    f = w.fmt
+    n_pad, k = w.lo.shape[0], w.shape[1]
+    m_rows = x2.shape[0]
+    a_fields, b_fields, wd = f.split
+    sup = f.super_group or f.group
+    r, nsup = sup // f.group, k // sup
+    xq, xd, xs = quantize_activations(x2, f.group)
+    views, present = _weight_views(w)
+    views = [xq.reshape(m_rows, nsup, r, a_fields, b_fields, wd), xd.reshape(m_rows, nsup, r),
+             xs.reshape(m_rows, nsup, r)] + views
+    nsb = config.block_k // sup
+    steps = nsup // (nsb * config.split_k)
+    bn = config.block_n
+    zeros = lambda nd: (0,) * nd
+    in_specs = [pl.BlockSpec(v.shape, lambda i, j, s, nd=v.ndim: zeros(nd)) for v in views[:3]]
+    in_specs += [pl.BlockSpec((bn, *v.shape[1:]), lambda i, j, s, nd=v.ndim: (i,) + zeros(nd - 1)) for v in views[3:]]
+    return pl.pallas_call(
+        partial(_dp4a_kernel, f=f, present=present, nsb=nsb, steps=steps, m_rows=m_rows, interpret=interpret),
+        out_shape=jax.ShapeDtypeStruct((config.split_k, m_rows, n_pad), jnp.float32),
+        grid=(n_pad // bn, 1, config.split_k),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((1, m_rows, bn), lambda i, j, s: (s, 0, i)),
+        interpret=interpret,
+        **params,
+    )(*views)
 
 
 def _dequant_kernel(*refs, f, present: tuple[bool, ...], nsb: int):
@@ -359,8 +472,9 @@ def qmatmul(x: jax.Array, w: QuantWeight, *, config: GemvConfig = GemvConfig(), 
         from jax.experimental.pallas import triton as pl_triton
         params["compiler_params"] = pl_triton.CompilerParams(num_warps=config.num_warps,
                                                              num_stages=config.num_stages)
-    if config.variant == "fma":
-        y = jnp.sum(_fma_call(x2, w, config, params, interpret), axis=0)[:, :n]
+    if config.variant in ("fma", "dp4a"):
+        call = _fma_call if config.variant == "fma" else _dp4a_call
+        y = jnp.sum(call(x2, w, config, params, interpret), axis=0)[:, :n]
         return y.reshape(*lead, n).astype(x.dtype)
     dot_dtype = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
     bm = config.block_m if config.variant == "dot" else m_rows
