@@ -24,7 +24,7 @@ def main(path: str) -> Path:
     for p in data["result"]["points"]:
         flops = 2 * p["m"] * p["n"] * p["k"]
         floor = max(p["weight_bytes"] / bw, flops / peak)
-        best = min(p[k]["seconds"] for k in ("kernel", "pallas_dequant", "xla_dequant") if k in p)
+        best = min(p[k]["seconds"] for k in ("kernel_dp4a", "kernel", "pallas_dequant", "xla_dequant") if k in p)
         lines[p["format"]][p["m"]].append(floor / best)
         dense_floor = max(2 * p["n"] * p["k"] / bw, flops / peak)
         dense[p["m"]].append(dense_floor / p["dense_bf16"]["seconds"])

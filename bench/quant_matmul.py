@@ -162,6 +162,10 @@ def bench(args) -> dict:
                 if jax.default_backend() == "gpu" and m <= args.kernel_max_rows and qm.unsupported(x, ws[0], cfg) is None:
                     t = time_per_call(lambda x, w: qm.qmatmul(x, w, config=cfg), x, ws)
                     row["kernel"] = dict(seconds=t, bw_fraction=nbytes / t / bw, config=cfg.__dict__)
+                dcfg = qm.choose_config(ws[0], m, "dp4a")
+                if jax.default_backend() == "gpu" and args.variant is None and qm.unsupported(x, ws[0], dcfg) is None:
+                    t = time_per_call(lambda x, w: qm.qmatmul(x, w, config=dcfg), x, ws)
+                    row["kernel_dp4a"] = dict(seconds=t, bw_fraction=nbytes / t / bw, config=dcfg.__dict__)
                 t = time_per_call(qops.linear, x, ws)  # the reference path: dequantize once + dense matmul
                 row["xla_dequant"] = dict(seconds=t, bw_fraction=nbytes / t / bw)
                 if jax.default_backend() == "gpu":  # the GPU path for many rows: Pallas dequantize + matmul
@@ -175,14 +179,16 @@ def bench(args) -> dict:
                 t = dense_cache[n, k, m]
                 row["dense_bf16"] = dict(seconds=t, bw_fraction=2 * n * k / t / bw, flops_fraction=2 * m * n * k / t / peak)
                 del ws
-                best = min((row[p]["seconds"], p) for p in ("kernel", "pallas_dequant", "xla_dequant") if p in row)
+                best = min((row[p]["seconds"], p) for p in ("kernel_dp4a", "kernel", "pallas_dequant", "xla_dequant") if p in row)
                 row["best"] = best[1]
                 row["best_bw_fraction"] = nbytes / best[0] / bw
                 row["best_vs_dense_bf16"] = row["dense_bf16"]["seconds"] / best[0]
                 points.append(row)
                 kern = row.get("kernel", {}).get("bw_fraction")
                 pdq = row.get("pallas_dequant", {}).get("bw_fraction")
-                print(f"{name:9s} {shape_name:8s} M={m:5d} kernel {'-' if kern is None else f'{kern:6.1%}'} "
+                d4 = row.get("kernel_dp4a", {}).get("bw_fraction")
+                print(f"{name:9s} {shape_name:8s} M={m:5d} dp4a {'-' if d4 is None else f'{d4:6.1%}'} "
+                      f"kernel {'-' if kern is None else f'{kern:6.1%}'} "
                       f"pallas-dequant {'-' if pdq is None else f'{pdq:6.1%}'} "
                       f"xla {row['xla_dequant']['bw_fraction']:6.1%} dense {row['dense_bf16']['bw_fraction']:6.1%} BW | "
                       f"best/dense-bf16 time {row['best_vs_dense_bf16']:.2f}x", flush=True)

@@ -55,13 +55,16 @@ TARGET_PROGRAMS = 264  # split K until there are about this many programs (2 per
 
 def choose_config(w: QuantWeight, m_rows: int, variant: str | None = None) -> GemvConfig:
     """Block sizes for this weight and row count (measured on an H200, bench/quant_matmul.py sweep):
-    the "fma" variant for up to MAX_FMA_ROWS rows (narrow row blocks, 512-input steps), the tensor-core
-    "dot" variant above; split-K until the grid has TARGET_PROGRAMS programs."""
+    the exact "fma" variant for up to MAX_FMA_ROWS rows (narrow row blocks, 512-input steps), the
+    tensor-core "dot" variant above ("dp4a", int8 activations, only when asked: 16-row blocks,
+    1024-input steps); split-K until the grid has TARGET_PROGRAMS programs."""
     variant = variant or ("fma" if m_rows <= MAX_FMA_ROWS else "dot")
     k = w.shape[1]
     sup = w.fmt.super_group or w.fmt.group
-    if variant in ("fma", "dp4a"):
+    if variant == "fma":
         block_m, block_n, widest = 1, 8, 512
+    elif variant == "dp4a":
+        block_m, block_n, widest = 1, 16, 1024
     else:
         block_m = 16 if m_rows <= 16 else 32 if m_rows <= 32 else 64
         block_n, widest = 64, 256

@@ -1,5 +1,9 @@
 """`linear` and `embed` for `QuantWeight` (the kernel layout of GGUF, GPTQ and AWQ weights).
 
+  pallas_qmatmul_dp4a  GPU, 4- and 8-bit codes, up to 4 rows of x (batch-1 decode): x is quantized
+                  to int8 per weight group (as llama.cpp does; ~1e-2 relative error of the output)
+                  and every group's dot is integer (dp4a), ~2x the float variants' speed.
+                  `Ops(force=(("linear", "pallas_qmatmul"),))` keeps activations exact.
   pallas_qmatmul  GPU, up to `KERNEL_MAX_ROWS` rows of x (decode, small batches): the Pallas kernel streams the
                   packed codes once (pallas_kernels/quant_matmul.py), block sizes from its table.
   pallas_dequant_matmul  GPU, more rows (prefill): a Pallas pass writes the dense weight in x's
@@ -45,6 +49,22 @@ def _kernel_applies(x: jax.Array, w: Any, bias: Any = None) -> str | None:
     return quant_matmul.unsupported(x, w, quant_matmul.choose_config(w, rows))
 
 
+def _dp4a_applies(x: jax.Array, w: Any, bias: Any = None) -> str | None:
+    reason = _qweight_only(x, w)
+    if reason is not None:
+        return reason
+    rows = math.prod(x.shape[:-1])
+    if rows > quant_matmul.MAX_FMA_ROWS:
+        return f"{rows} rows > {quant_matmul.MAX_FMA_ROWS}"
+    return quant_matmul.unsupported(x, w, quant_matmul.choose_config(w, rows, "dp4a"))
+
+
+def dp4a_linear(x: jax.Array, w: QuantWeight, bias: jax.Array | None = None) -> jax.Array:
+    _check(x, w)
+    y = quant_matmul.qmatmul(x, w, config=quant_matmul.choose_config(w, math.prod(x.shape[:-1]), "dp4a"))
+    return y if bias is None else y + bias.astype(y.dtype)
+
+
 def kernel_linear(x: jax.Array, w: QuantWeight, bias: jax.Array | None = None) -> jax.Array:
     _check(x, w)
     y = quant_matmul.qmatmul(x, w, config=quant_matmul.choose_config(w, math.prod(x.shape[:-1])))
@@ -73,6 +93,7 @@ def embed(tokens: jax.Array, table: QuantWeight) -> jax.Array:
     return rows.dequantize(table.compute_dtype).reshape(*tokens.shape, table.shape[1])
 
 
+register("linear", Impl("pallas_qmatmul_dp4a", dp4a_linear, platforms=frozenset({"gpu"}), applies=_dp4a_applies))
 register("linear", Impl("pallas_qmatmul", kernel_linear, platforms=frozenset({"gpu"}), applies=_kernel_applies))
 register("linear", Impl("pallas_dequant_matmul", dequant_linear, platforms=frozenset({"gpu"}), applies=_dequant_applies))
 register("linear", Impl("xla_qweight", linear, applies=_qweight_only, reference=True))
