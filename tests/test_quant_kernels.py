@@ -69,6 +69,21 @@ def test_kernel_gguf(ggml_type, m):
     _check_kernel(w, dense, m, cfg, seed=m)
 
 
+@pytest.mark.parametrize("ggml_type", ["Q4_0", "Q4_1", "Q8_0", "Q4_K"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_kernel_dp4a(ggml_type, m):
+    """int8 activations per group: within ~1e-2 of the exact product (llama.cpp's q8_1 trade)."""
+    w, dense = _gguf(np.random.default_rng(8), ggml_type, (40, 1024))
+    x = np.random.default_rng(m).standard_normal((m, 1024)).astype(np.float32)
+    got = np.asarray(qm.qmatmul(jnp.asarray(x), w, config=qm.choose_config(w, m, "dp4a"), interpret=True), np.float64)
+    want = x.astype(np.float64) @ dense.astype(np.float64).T
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
+    xq, d, xsum = qm.quantize_activations(jnp.asarray(x), 32)  # the activations it used, checked apart
+    np.testing.assert_allclose(np.asarray(xq, np.float32).reshape(m, 32, 32) * np.asarray(d)[..., None],
+                               x.reshape(m, 32, 32), atol=float(np.abs(x).max()) / 254 + 1e-7)
+    np.testing.assert_allclose(np.asarray(xsum), x.reshape(m, 32, 32).sum(-1), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("bits,group,perm", [(4, 128, False), (4, 32, True), (8, 64, False)])
 @pytest.mark.parametrize("m", [1, 128])
 def test_kernel_gptq(bits, group, perm, m):
@@ -115,7 +130,11 @@ def test_dispatch_and_fusion():
     impl, choice = fj.Ops(platform="gpu").choose("linear", jnp.ones((4096, 256), jnp.bfloat16), ws[0])
     assert impl.name == "pallas_dequant_matmul" and "dequantize once" in str(choice)
     impl, _ = fj.Ops(platform="gpu").choose("linear", jnp.ones((1, 256), jnp.bfloat16), ws[0])
+    assert impl.name == "pallas_qmatmul_dp4a"  # 4-bit codes, one row: integer dots
+    impl, _ = fj.Ops(platform="gpu").choose("linear", jnp.ones((8, 256), jnp.bfloat16), ws[0])
     assert impl.name == "pallas_qmatmul"
+    impl, _ = fj.Ops(platform="gpu").choose("linear", jnp.ones((1, 256), jnp.bfloat16), q6)
+    assert impl.name == "pallas_qmatmul"  # 6-bit codes: the float variant
 
 
 def test_model_dtype_ignores_the_scales_of_packed_weights():
