@@ -1,7 +1,9 @@
-"""Plot a quant_matmul bench JSON: fraction of the roofline against M, one line per format (the best
-of kernel / dequantize-once at each M, averaged over the shapes), and the dense bf16 matmul.
+"""Plot quant_matmul bench JSONs: fraction of the roofline against M, one line per format (the best
+path at each point, averaged over the shapes), and the dense bf16 matmul. Later files' points
+replace earlier ones at the same (format, shape, M); the PNG goes next to the first file.
 
-    python bench/plot_quant_matmul.py bench/results/quant_matmul_bench_NVIDIA-H200.json
+    python bench/plot_quant_matmul.py bench/results/quant_matmul_bench_NVIDIA-H200.json \
+        bench/results/quant_matmul_bench_M1-dp4a_NVIDIA-H200.json
 
 Roofline at each point: the larger of (weight bytes / copy bandwidth) and (2 M N K / bf16 matmul
 peak); the fraction is that floor over the measured time."""
@@ -16,12 +18,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def main(path: str) -> Path:
-    data = json.loads(Path(path).read_text())
+def main(*paths: str) -> Path:
+    files = [json.loads(Path(p).read_text()) for p in paths]
+    data = files[0]
     ceil = data["result"]["ceilings"]
     bw, peak = ceil["copy_bandwidth_bytes_per_s"], ceil["matmul_bf16_flops_per_s"]
+    merged = {}
+    for f in files:
+        for p in f["result"]["points"]:
+            merged[p["format"], p["shape"], p["m"]] = p
     lines, dense = defaultdict(lambda: defaultdict(list)), defaultdict(list)
-    for p in data["result"]["points"]:
+    for p in merged.values():
         flops = 2 * p["m"] * p["n"] * p["k"]
         floor = max(p["weight_bytes"] / bw, flops / peak)
         best = min(p[k]["seconds"] for k in ("kernel_dp4a", "kernel", "pallas_dequant", "xla_dequant") if k in p)
@@ -41,10 +48,10 @@ def main(path: str) -> Path:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
-    out = Path(path).with_suffix(".png")
+    out = Path(paths[0]).with_suffix(".png")
     fig.savefig(out, dpi=120, bbox_inches="tight")
     return out
 
 
 if __name__ == "__main__":
-    print(main(sys.argv[1]))
+    print(main(*sys.argv[1:]))
