@@ -50,31 +50,52 @@ class GemvConfig:
 
 
 MAX_FMA_ROWS = 4  # rows of x the "fma" variant unrolls
-TARGET_PROGRAMS = 264  # split K until there are about this many programs (2 per H100/H200 SM)
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """Per-variant block sizes of one GPU generation: (rows of W per program, widest K step,
+    warps), and the grid size split-K aims for."""
+    fma: tuple[int, int, int]
+    dp4a: tuple[int, int, int]
+    dot: tuple[int, int, int]
+    target_programs: int
+
+
+# Chosen by measurement (bench/quant_matmul.py sweep; results in bench/results/). Hopper: H200
+# sweeps of Q4_K / Q8_0 / GPTQ-int4 at Llama-3-8B shapes (132 SMs: 2 programs per SM). Other GPUs
+# fall back to the same shapes until measured there.
+BLOCKS = {
+    "hopper": Blocks(fma=(8, 512, 4), dp4a=(16, 1024, 4), dot=(64, 256, 4), target_programs=264),
+}
+GENERATIONS = (("H100", "hopper"), ("H200", "hopper"), ("H800", "hopper"), ("GH200", "hopper"))
+
+
+def gpu_blocks() -> Blocks:
+    """The table row of the default device's generation (hopper when unknown or not a GPU)."""
+    kind = jax.devices()[0].device_kind
+    return BLOCKS[next((gen for name, gen in GENERATIONS if name in kind), "hopper")]
 
 
 def choose_config(w: QuantWeight, m_rows: int, variant: str | None = None) -> GemvConfig:
-    """Block sizes for this weight and row count (measured on an H200, bench/quant_matmul.py sweep):
-    the exact "fma" variant for up to MAX_FMA_ROWS rows (narrow row blocks, 512-input steps), the
-    tensor-core "dot" variant above ("dp4a", int8 activations, only when asked: 16-row blocks,
-    1024-input steps); split-K until the grid has TARGET_PROGRAMS programs."""
+    """Block sizes for this weight and row count from the generation's `BLOCKS` row: the exact "fma"
+    variant for up to MAX_FMA_ROWS rows, the tensor-core "dot" variant above ("dp4a", int8
+    activations, when asked); the widest K step that divides the inputs; split-K until the grid
+    has the row's target number of programs."""
     variant = variant or ("fma" if m_rows <= MAX_FMA_ROWS else "dot")
+    table = gpu_blocks()
     k = w.shape[1]
     sup = w.fmt.super_group or w.fmt.group
-    if variant == "fma":
-        block_m, block_n, widest = 1, 8, 512
-    elif variant == "dp4a":
-        block_m, block_n, widest = 1, 16, 1024
-    else:
-        block_m = 16 if m_rows <= 16 else 32 if m_rows <= 32 else 64
-        block_n, widest = 64, 256
+    block_n, widest, warps = getattr(table, variant)
+    block_m = 1 if variant != "dot" else 16 if m_rows <= 16 else 32 if m_rows <= 32 else 64
     fits = lambda bk: k % bk == 0 and (variant == "dot" or (bk % sup == 0 and (bk // sup) & (bk // sup - 1) == 0))
     block_k = next((bk for bk in (1024, 512, 256, 128, 64, 32) if bk <= widest and fits(bk)), sup)
     m_blocks = -(-m_rows // block_m) if variant == "dot" else 1
     split_k = 1
-    while (w.lo.shape[0] // block_n) * m_blocks * split_k < TARGET_PROGRAMS and k % (block_k * split_k * 2) == 0:
+    while (w.lo.shape[0] // block_n) * m_blocks * split_k < table.target_programs and k % (block_k * split_k * 2) == 0:
         split_k *= 2
-    return GemvConfig(variant=variant, block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k)
+    return GemvConfig(variant=variant, block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k,
+                      num_warps=warps)
 
 
 def reference(x: jax.Array, w: QuantWeight) -> jax.Array:
