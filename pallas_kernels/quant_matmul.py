@@ -319,20 +319,22 @@ def _dp4a(codes: jax.Array, xs: list[jax.Array], bits: int, signed: bool, interp
 
 def quantize_activations(x: jax.Array, group: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [M, K] -> (int8 codes [M, K], scale [M, K/group], exact sum [M, K/group]): symmetric int8
-    per group of inputs (llama.cpp's q8_1 idea), so the weights' codes meet x in integer dots."""
+    per group of inputs (llama.cpp's q8_1 idea), so the weights' codes meet x in integer dots. The
+    dp4a kernel does the same inside, step by step; this is its statement in jnp."""
     m, k = x.shape
     xg = x.astype(jnp.float32).reshape(m, k // group, group)
     amax = jnp.max(jnp.abs(xg), axis=2)
     d = jnp.where(amax > 0, amax / 127.0, 1.0)
-    xq = jnp.clip(jnp.round(xg / d[:, :, None]), -127, 127).astype(jnp.int8)
+    xq = jnp.floor(xg / d[:, :, None] + 0.5).astype(jnp.int8)
     return xq.reshape(m, k), d, jnp.sum(xg, axis=2)
 
 
 def _dp4a_kernel(*refs, f, present: tuple[bool, ...], nsb: int, steps: int, m_rows: int, interpret: bool):
-    """Integer variant (4- and 8-bit codes, few rows): x is quantized to int8 per group, each group's
-    sum(q * x) is an int32 from dp4a instructions (8 weights in 5 instructions for 4 bits), and the
-    scale and offset apply once per group."""
-    (xq_ref, xd_ref, xs_ref), wrefs, o_ref = _unpack_refs(refs, present, 3)  # x [M, K/S, R, A, 1, W]
+    """Integer variant (4- and 8-bit codes, few rows): each step quantizes its slice of x to int8 per
+    group (in the kernel: no extra launches), each group's sum(q * x) is an int32 from dp4a
+    instructions (8 weights in 5 instructions for 4 bits), and scale and offset apply once per group."""
+    (x_ref,), wrefs, o_ref = _unpack_refs(refs, present, 1)  # x [M, K/S, R, A, 1, W] in x's dtype
+    a_fields = f.split[0]
     block_n = wrefs["lo"].shape[0]
     base = pl.program_id(2) * steps * nsb
 
@@ -342,11 +344,19 @@ def _dp4a_kernel(*refs, f, present: tuple[bool, ...], nsb: int, steps: int, m_ro
         codes = wrefs["lo"][:, blk, :, 0, :]  # [BN, nsb, R, W]
         out = []
         for m in range(m_rows):
-            xs = [jnp.broadcast_to(xq_ref[m, blk, :, a, 0, :][None], codes.shape) for a in range(f.split[0])]
-            p = jnp.sum(_dp4a(codes, xs, f.bits, f.signed, interpret), axis=3).astype(jnp.float32)
-            y = s * (p * xd_ref[m, blk, :][None])
+            xa = [x_ref[m, blk, :, a, 0, :].astype(jnp.float32) for a in range(a_fields)]  # [nsb, R, W]
+            amax = jnp.max(jnp.abs(xa[0]), axis=2)
+            xsum = jnp.sum(xa[0], axis=2)
+            for v in xa[1:]:
+                amax = jnp.maximum(amax, jnp.max(jnp.abs(v), axis=2))
+                xsum = xsum + jnp.sum(v, axis=2)
+            d = jnp.where(amax > 0, amax / 127.0, 1.0)  # [nsb, R]
+            xq = [jnp.floor(v / d[:, :, None] + 0.5).astype(jnp.int8) for v in xa]
+            xq = [jnp.broadcast_to(v[None], codes.shape) for v in xq]
+            p = jnp.sum(_dp4a(codes, xq, f.bits, f.signed, interpret), axis=3).astype(jnp.float32)
+            y = s * (p * d[None])
             if o is not None:
-                y = y - o * xs_ref[m, blk, :][None]
+                y = y - o * xsum[None]
             out.append(acc[m] + jnp.sum(jnp.sum(y, axis=2), axis=1))
         return tuple(out)
 
@@ -362,16 +372,14 @@ def _dp4a_call(x2: jax.Array, w: QuantWeight, config: GemvConfig, params: dict, 
     a_fields, b_fields, wd = f.split
     sup = f.super_group or f.group
     r, nsup = sup // f.group, k // sup
-    xq, xd, xs = quantize_activations(x2, f.group)
     views, present = _weight_views(w)
-    views = [xq.reshape(m_rows, nsup, r, a_fields, b_fields, wd), xd.reshape(m_rows, nsup, r),
-             xs.reshape(m_rows, nsup, r)] + views
+    views = [x2.reshape(m_rows, nsup, r, a_fields, b_fields, wd)] + views
     nsb = config.block_k // sup
     steps = nsup // (nsb * config.split_k)
     bn = config.block_n
     zeros = lambda nd: (0,) * nd
-    in_specs = [pl.BlockSpec(v.shape, lambda i, j, s, nd=v.ndim: zeros(nd)) for v in views[:3]]
-    in_specs += [pl.BlockSpec((bn, *v.shape[1:]), lambda i, j, s, nd=v.ndim: (i,) + zeros(nd - 1)) for v in views[3:]]
+    in_specs = [pl.BlockSpec(views[0].shape, lambda i, j, s: zeros(6))]
+    in_specs += [pl.BlockSpec((bn, *v.shape[1:]), lambda i, j, s, nd=v.ndim: (i,) + zeros(nd - 1)) for v in views[1:]]
     return pl.pallas_call(
         partial(_dp4a_kernel, f=f, present=present, nsb=nsb, steps=steps, m_rows=m_rows, interpret=interpret),
         out_shape=jax.ShapeDtypeStruct((config.split_k, m_rows, n_pad), jnp.float32),
