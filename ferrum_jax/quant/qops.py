@@ -5,7 +5,7 @@
                   and every group's dot is integer (dp4a), ~2x the float variants' speed.
                   `Ops(force=(("linear", "pallas_qmatmul"),))` keeps activations exact.
   pallas_qmatmul  GPU, up to `KERNEL_MAX_ROWS` rows of x (decode, small batches): the Pallas kernel streams the
-                  packed codes once (pallas_kernels/quant_matmul.py), block sizes from its table.
+                  packed codes once (pallas_kernels/quant_matmul/), block sizes from its table.
   pallas_dequant_matmul  GPU, more rows (prefill): a Pallas pass writes the dense weight in x's
                   dtype (reads the packed bytes once, writes the dense ones), then XLA's dense
                   matmul; the decoding is small next to a compute-bound matmul.
