@@ -6,6 +6,7 @@
 """
 
 from ferrum_jax import ops as _ops  # noqa: F401  registers the XLA reference of every op
+from ferrum_jax import moe_ops as _moe_ops  # noqa: F401  registers the MoE references
 from ferrum_jax.quant import ops as _quant_ops  # noqa: F401  registers "xla_dequant" linear/embed for GGUFWeight
 from ferrum_jax.quant import qops as _qweight_ops  # noqa: F401  registers linear/embed for QuantWeight
 from ferrum_jax.backend import DEFAULT_OPS, Ops, record_dispatch

@@ -158,6 +158,20 @@ class Ops:
     def gated_mlp(self, x, w_gate, w_up, w_down, kind: str):
         return self.call("gated_mlp", x, w_gate, w_up, w_down, kind, ops=self)
 
+    def moe_route(self, x, router, *, top_k: int, norm_topk_prob: bool):
+        """Router logits -> top-k (float32 weights, int32 expert ids), each [..., top_k] (ferrum_jax.moe_ops)."""
+        return self.call("moe_route", x, router, top_k=top_k, norm_topk_prob=norm_topk_prob, ops=self)
+
+    def moe_experts(self, x, ids, weights, w_gate, w_up, w_down, kind: str, *, expert_offset=0):
+        """The routed expert MLPs of stacked [experts, out, in] weights, combined per token by `weights`."""
+        return self.call("moe_experts", x, ids, weights, w_gate, w_up, w_down, kind, expert_offset=expert_offset,
+                         ops=self)
+
+    def moe(self, x, router, w_gate, w_up, w_down, kind: str, *, top_k: int, norm_topk_prob: bool, expert_offset=0):
+        """A sparse MoE block: `moe_route` then `moe_experts`."""
+        weights, ids = self.moe_route(x, router, top_k=top_k, norm_topk_prob=norm_topk_prob)
+        return self.moe_experts(x, ids, weights, w_gate, w_up, w_down, kind, expert_offset=expert_offset)
+
     def attention(self, q, k, v, q_positions, kv_positions, *, scale: float, window: int | None = None,
                   softcap: float | None = None, causal_from_zero: bool = False):
         """Prefill-shaped attention (many query tokens). `causal_from_zero` promises that queries and

@@ -103,8 +103,9 @@ def _check(args: argparse.Namespace) -> None:
 def _load(args: argparse.Namespace) -> Model:
     _check(args)
     enable_persistent_cache(None if args.compile_cache.lower() in ("none", "off", "") else args.compile_cache)
-    if args.ep > 1:  # every supported family is dense (no experts to split) until an MoE family lands
-        raise FerrumError(f"expert parallel needs an MoE model: {args.model} is dense (use --tp / --dp)")
+    if args.ep > 1:  # dense families have no experts to split; the MoE family has no expert-stack layout yet
+        raise FerrumError(f"expert parallel (--ep {args.ep}) is not supported yet: dense models have no experts "
+                          "to split and MoE models run on one device for now (use --tp / --dp for dense models)")
     mesh = make_mesh(tp=args.tp, dp=args.dp) if args.tp * args.dp > 1 else None
     return load(args.model, dtype=args.dtype, progress=sys.stderr.isatty(), mesh=mesh)
 

@@ -9,9 +9,9 @@ from types import ModuleType
 from typing import Any
 
 from ferrum_jax.errors import UnsupportedArchitectureError
-from models import gemma3, llama
+from models import gemma3, llama, moe
 
-FAMILIES: tuple[ModuleType, ...] = (llama, gemma3)
+FAMILIES: tuple[ModuleType, ...] = (llama, gemma3, moe)
 ARCHITECTURES: dict[str, ModuleType] = {arch: fam for fam in FAMILIES for arch in fam.ARCHITECTURES}
 
 

@@ -12,11 +12,12 @@ Config. `general.architecture` and the `<arch>.*` keys become an HF-style config
 (`gguf_config_dict`) handed to `models.config_from_hf`, so a GGUF and an HF checkpoint of the same
 model give the same Config. Supported: llama (Llama 2/3.x, Mistral, SmolLM, ...), qwen2, qwen3,
 gemma3. The MoE architectures qwen2moe, qwen3moe and llama files with experts (Mixtral) are
-mapped too but rejected with UnsupportedArchitectureError until a MoE family exists. What llama.cpp
-hard-codes rather than stores is reproduced here: Gemma 3's every-6th-layer-global pattern, its
-local rope base 10000 and its attention scale (head_dim^-1/2, hidden/heads for the 62-layer 27B);
-Llama 3.x rope scaling, which the converter stores only as the `rope_freqs.weight` tensor of
-per-frequency divisors, is recovered as HF's "llama3" rope parameters (and checked to reproduce it).
+mapped too but rejected with UnsupportedArchitectureError until their expert tensors are mapped
+(models.moe reads them from HF checkpoints only). What llama.cpp hard-codes rather than stores is
+reproduced here: Gemma 3's every-6th-layer-global pattern, its local rope base 10000 and its
+attention scale (head_dim^-1/2, hidden/heads for the 62-layer 27B); Llama 3.x rope scaling, which
+the converter stores only as the `rope_freqs.weight` tensor of per-frequency divisors, is recovered
+as HF's "llama3" rope parameters (and checked to reproduce it).
 
 Tensors. GGUF names (`blk.N.attn_q.weight`, ...) map onto the HF names of the family's
 `tensor_shapes(cfg)`; GGUF lists dims innermost first, so our [out, in] is the reversed GGUF
@@ -484,10 +485,12 @@ def read_config(meta: GGUFMetadata) -> Any:
     d = gguf_config_dict(meta)
     meta.config = d
     hf_arch = d["architectures"][0]
-    if hf_arch not in models.ARCHITECTURES:
+    # models.moe runs from HF checkpoints; its GGUF tensors (stacked `ffn_*_exps`) are not mapped yet.
+    readable = lambda hf: hf in models.ARCHITECTURES and models.ARCHITECTURES[hf] is not models.moe
+    if not readable(hf_arch):
         raise UnsupportedArchitectureError(
             f"{meta.path}: GGUF architecture {meta.architecture!r} ({hf_arch}) is not supported yet; supported: "
-            f"{', '.join(a for a, hf in HF_ARCHITECTURES.items() if hf in models.ARCHITECTURES)}")
+            f"{', '.join(a for a, hf in HF_ARCHITECTURES.items() if readable(hf))}")
     return models.config_from_hf(d, where=f"{meta.path} (GGUF metadata)")
 
 

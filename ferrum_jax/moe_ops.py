@@ -1,0 +1,102 @@
+"""The XLA reference of the mixture-of-experts ops: routing and the expert MLPs.
+
+Two ops, so that a routing kernel and a grouped-matmul kernel can register separately:
+
+  moe_route(x [..., H], router [E, H]; top_k, norm_topk_prob)
+      -> weights float32 [..., k], ids int32 [..., k]
+      softmax over all E router logits (in float32), the top k of them, and with `norm_topk_prob`
+      divided by their sum. Mixtral's "softmax over the top-k logits" is the same as softmax, top k,
+      renormalise, so it is this op with norm_topk_prob=True.
+
+  moe_experts(x [..., H], ids, weights, gate [E, F, H], up [E, F, H] | None, down [E, H, F], act;
+              expert_offset=0) -> [..., H]
+      sum over the k slots of weights * down_e( act(gate_e(x)) * up_e(x) ), e = ids. With `up`
+      None, `gate` is the fused [E, 2F, H] stack ([gate_e; up_e] along the rows of each expert).
+      Expert parallel: the stacks may hold only the experts expert_offset .. expert_offset + E - 1
+      (an int or a traced scalar, e.g. from `lax.axis_index` inside shard_map); slots routed to
+      other experts contribute zero, so summing the outputs over the expert shards (a psum) gives
+      the full result.
+
+Expert weights are stacked [experts, out_features, in_features]: each expert in the checkpoint's
+own [out, in] layout. The ids and weights never leave the device; all shapes are static.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ferrum_jax.backend import Impl, register
+
+
+def moe_route(x: jax.Array, router: jax.Array, *, top_k: int, norm_topk_prob: bool, ops) -> tuple[jax.Array, jax.Array]:
+    logits = ops.linear(x, router).astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    weights, ids = jax.lax.top_k(probs, top_k)
+    if norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, ids.astype(jnp.int32)
+
+
+def moe_experts(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate: jax.Array, w_up: jax.Array | None,
+                w_down: jax.Array, kind: str, *, expert_offset: int | jax.Array = 0, ops) -> jax.Array:
+    """The reference picks one of two plain formulations by the (static) number of routed rows:
+
+    - few rows (n * k < E, decode): gather each slot's expert weights and run them per row; only
+      the selected experts' weights are read, which is what a memory-bound decode step needs.
+    - otherwise: every expert on every row, combined with a dense [n, E] matrix of the routing
+      weights (zero where a row did not pick that expert). E / k times the needed flops, but three
+      plain einsums with nothing to sort. `jax.lax.ragged_dot` after sorting rows by expert would
+      express the grouping, but on the CPU (and wherever XLA has no grouped kernel) it lowers to
+      exactly this masked dense product over all experts, with a sort and an unsort on top; the
+      grouped version is the Pallas kernel's job, and this is its oracle.
+    """
+    shape, h = x.shape, x.shape[-1]
+    out_dtype = x.dtype
+    if jax.default_backend() == "cpu" and x.dtype != jnp.float32:
+        x = x.astype(jnp.float32)  # XLA's CPU runtime has no batched bf16 dot (see ops.attention)
+    k = ids.shape[-1]
+    xs = x.reshape(-1, h)
+    n, e = xs.shape[0], w_gate.shape[0]
+    local = ids.reshape(n, k) - expert_offset
+    mine = (local >= 0) & (local < e)
+    weights = jnp.where(mine, weights.reshape(n, k).astype(jnp.float32), 0.0)
+    local = jnp.clip(local, 0, e - 1)
+    dt = x.dtype
+
+    def act_mul(g, u):
+        return ops.activation(g, kind) * u
+
+    if n * k < e:
+        wg = jnp.take(w_gate, local, axis=0).astype(dt)  # [n, k, F or 2F, H]
+        g = jnp.einsum("nh,nkfh->nkf", xs, wg, preferred_element_type=jnp.float32)
+        if w_up is None:
+            g, u = jnp.split(g, 2, axis=-1)
+        else:
+            u = jnp.einsum("nh,nkfh->nkf", xs, jnp.take(w_up, local, axis=0).astype(dt),
+                           preferred_element_type=jnp.float32)
+        a = act_mul(g, u).astype(dt)
+        y = jnp.einsum("nkf,nkhf->nkh", a, jnp.take(w_down, local, axis=0).astype(dt),
+                       preferred_element_type=jnp.float32)
+        out = jnp.einsum("nkh,nk->nh", y, weights)
+    else:
+        combine = jnp.zeros((n, e), jnp.float32).at[jnp.arange(n)[:, None], local].add(weights)
+        g = jnp.einsum("nh,efh->nef", xs, w_gate.astype(dt), preferred_element_type=jnp.float32)
+        if w_up is None:
+            g, u = jnp.split(g, 2, axis=-1)
+        else:
+            u = jnp.einsum("nh,efh->nef", xs, w_up.astype(dt), preferred_element_type=jnp.float32)
+        a = act_mul(g, u).astype(dt)
+        y = jnp.einsum("nef,ehf->neh", a, w_down.astype(dt), preferred_element_type=jnp.float32)
+        out = jnp.einsum("neh,ne->nh", y, combine)
+    return out.astype(out_dtype).reshape(shape)
+
+
+def _dense_experts(x, ids, weights, w_gate, w_up, w_down, kind, **kwargs) -> str | None:
+    ws = (w_gate, w_down) if w_up is None else (w_gate, w_up, w_down)
+    bad = [type(w).__name__ for w in ws if not isinstance(w, jax.Array)]
+    return f"expert weights are {', '.join(bad)}, not dense arrays" if bad else None
+
+
+register("moe_route", Impl("xla", moe_route, reference=True))
+register("moe_experts", Impl("xla", moe_experts, applies=_dense_experts, reference=True))
