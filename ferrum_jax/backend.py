@@ -172,19 +172,26 @@ class Ops:
         weights, ids = self.moe_route(x, router, top_k=top_k, norm_topk_prob=norm_topk_prob)
         return self.moe_experts(x, ids, weights, w_gate, w_up, w_down, kind, expert_offset=expert_offset)
 
-    def attention(self, q, k, v, q_positions, kv_positions, *, scale: float, window: int | None = None,
-                  softcap: float | None = None, causal_from_zero: bool = False):
-        """Prefill-shaped attention (many query tokens). `causal_from_zero` promises that queries and
-        keys are the same tokens at positions 0..T-1 (a prefill into an empty cache), so an
-        implementation may use a plain causal mask instead of the positions."""
-        return self.call("attention", q, k, v, q_positions, kv_positions, scale=scale, window=window,
-                         softcap=softcap, causal_from_zero=causal_from_zero)
+    def attention(self, q, k, v, q_positions, *, scale: float, window: int | None = None,
+                  softcap: float | None = None, causal_from_zero: bool = False, k_scale=None, v_scale=None):
+        """Prefill-shaped attention (many query tokens) over cache slots [batch, kv_heads, slots, head_dim],
+        slot s holding position s. `causal_from_zero` promises that queries and keys are the same
+        tokens at positions 0..T-1 (a prefill into an empty cache), so an implementation may use a
+        plain causal mask instead of the positions. Quantized caches pass their scales."""
+        return self.call("attention", q, k, v, q_positions, scale=scale, window=window, softcap=softcap,
+                         causal_from_zero=causal_from_zero, k_scale=k_scale, v_scale=v_scale)
 
-    def decode_attention(self, q, k, v, q_positions, kv_positions, *, scale: float, window: int | None = None,
-                         softcap: float | None = None):
-        """Decode-shaped attention (one query token per sequence against the cache)."""
-        return self.call("decode_attention", q, k, v, q_positions, kv_positions, scale=scale, window=window,
-                         softcap=softcap)
+    def decode_attention(self, q, k, v, q_positions, *, scale: float, window: int | None = None,
+                         softcap: float | None = None, k_scale=None, v_scale=None):
+        """Decode-shaped attention (one query token per sequence) against a contiguous cache."""
+        return self.call("decode_attention", q, k, v, q_positions, scale=scale, window=window, softcap=softcap,
+                         k_scale=k_scale, v_scale=v_scale)
+
+    def paged_attention(self, q, k_pages, v_pages, page_table, q_positions, *, scale: float,
+                        window: int | None = None, softcap: float | None = None, k_scale=None, v_scale=None):
+        """Attention of q [batch, q_len, heads, head_dim] over a paged cache (ferrum_jax.ops.paged_attention)."""
+        return self.call("paged_attention", q, k_pages, v_pages, page_table, q_positions, scale=scale, window=window,
+                         softcap=softcap, k_scale=k_scale, v_scale=v_scale)
 
 
 DEFAULT_OPS = Ops()

@@ -5,7 +5,7 @@ Layouts (shared by every implementation of an op):
   dense weight w     [out_features, in_features]  (the checkpoint's own layout: no transpose at load)
   queries q          [batch, q_len, heads, head_dim]
   keys, values k, v  [batch, kv_heads, kv_len, head_dim]  (the KV cache's layout)
-  positions          int32 [batch, q_len] for queries, [batch, kv_len] for keys
+  positions          int32 [batch, q_len] for queries; cache slot s holds the key at position s
 A key is visible to a query when key_pos <= query_pos (and key_pos > query_pos - window).
 Quantized weight types register their own `linear`/`embed` entries (see ferrum_jax.quant).
 """
@@ -76,14 +76,17 @@ def gated_mlp(x: jax.Array, w_gate, w_up, w_down, kind: str, *, ops) -> jax.Arra
     return ops.linear(ops.activation(gate, kind) * up, w_down)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
-              *, scale: float, window: int | None = None, softcap: float | None = None,
-              causal_from_zero: bool = False) -> jax.Array:
-    """softmax(q k^T * scale) v with a causal (and optional sliding-window) mask, GQA by grouping
-    query heads over their kv head (no repeated K/V is materialized). The reference always masks
-    by the positions; `causal_from_zero` is only a hint for faster paths."""
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, *, scale: float,
+              window: int | None = None, softcap: float | None = None, causal_from_zero: bool = False,
+              k_scale: jax.Array | None = None, v_scale: jax.Array | None = None) -> jax.Array:
+    """softmax(q k^T * scale) v over cache slots: slot s holds the key at position s, and is visible
+    to a query at position p when s <= p (and s > p - window). GQA groups query heads over their kv
+    head (no repeated K/V is materialized). A quantized cache (int8 / fp8 codes) passes its scales
+    k_scale, v_scale [batch, kv_heads, kv_len]: key = code * scale. `causal_from_zero` is only a hint
+    for faster paths (queries and keys are the same tokens at positions 0..T-1)."""
     b, t, h, d = q.shape
-    kv_heads, out_dtype = k.shape[1], q.dtype
+    kv_heads, kv_len, out_dtype = k.shape[1], k.shape[2], q.dtype
+    k, v = dequantize_kv(k, k_scale, q.dtype), dequantize_kv(v, v_scale, q.dtype)
     if jax.default_backend() == "cpu" and q.dtype != jnp.float32:
         # XLA's CPU runtime has no batched bf16 x bf16 -> f32 dot ("DotThunk: Unsupported element type").
         q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
@@ -91,7 +94,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, 
     scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     if softcap is not None:
         scores = softcap * jnp.tanh(scores / softcap)
-    qp, kp = q_positions[:, :, None], kv_positions[:, None, :]
+    qp, kp = q_positions[:, :, None], jnp.arange(kv_len, dtype=jnp.int32)[None, None, :]
     visible = kp <= qp
     if window is not None:
         visible &= kp > qp - window
@@ -101,13 +104,38 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, 
     return out.reshape(b, t, h, v.shape[-1]).astype(out_dtype)
 
 
+def dequantize_kv(x: jax.Array, scale: jax.Array | None, dtype: jnp.dtype) -> jax.Array:
+    """Cache codes [..., slots, head_dim] times their per-slot scales [..., slots] (identity when None)."""
+    if scale is None:
+        return x
+    return (x.astype(jnp.float32) * scale[..., None].astype(jnp.float32)).astype(dtype)
+
+
+def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
+                    q_positions: jax.Array, *, scale: float, window: int | None = None,
+                    softcap: float | None = None, k_scale: jax.Array | None = None,
+                    v_scale: jax.Array | None = None) -> jax.Array:
+    """`attention` over a paged cache: k_pages, v_pages [num_pages, kv_heads, page_size, head_dim]
+    (scales [num_pages, kv_heads, page_size]); sequence b's slot s lives in page
+    page_table[b, s // page_size] at row s % page_size. The reference gathers the pages into a
+    contiguous [batch, kv_heads, pages_per_seq * page_size, head_dim] view."""
+    def gather(pages: jax.Array | None) -> jax.Array | None:
+        if pages is None:
+            return None
+        g = jnp.take(pages, page_table, axis=0)  # [batch, pages_per_seq, kv_heads, page_size, ...]
+        g = jnp.moveaxis(g, 2, 1)
+        return g.reshape(g.shape[0], g.shape[1], g.shape[2] * g.shape[3], *g.shape[4:])
+    return attention(q, gather(k_pages), gather(v_pages), q_positions, scale=scale, window=window,
+                     softcap=softcap, k_scale=gather(k_scale), v_scale=gather(v_scale))
+
+
 def _dense_only(x, w, *args, **kwargs) -> str | None:
     return None if isinstance(w, jax.Array) else f"weight is {type(w).__name__}, not a dense array"
 
 
-def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, kv_positions: jax.Array,
-                    *, scale: float, window: int | None = None, softcap: float | None = None,
-                    causal_from_zero: bool = False) -> jax.Array:
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, *, scale: float,
+                    window: int | None = None, softcap: float | None = None, causal_from_zero: bool = False,
+                    k_scale: jax.Array | None = None, v_scale: jax.Array | None = None) -> jax.Array:
     """cuDNN's fused flash attention (through jax.nn.dot_product_attention) for a prefill into an
     empty cache: a plain causal mask, GQA handled by cuDNN, no [T, T] scores in memory."""
     k, v = (jnp.swapaxes(a, 1, 2) for a in (k, v))  # cache layout -> [batch, kv_len, kv_heads, head_dim]
@@ -116,12 +144,14 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.A
                                         implementation="cudnn")
 
 
-def _cudnn_applies(q, k, v, q_positions, kv_positions, *, scale, window=None, softcap=None,
-                   causal_from_zero=False) -> str | None:
+def _cudnn_applies(q, k, v, q_positions, *, scale, window=None, softcap=None, causal_from_zero=False,
+                   k_scale=None, v_scale=None) -> str | None:
     if not causal_from_zero:
         return "not a prefill into an empty cache"
     if softcap is not None:
         return "logit soft-capping"
+    if k_scale is not None or v_scale is not None:
+        return "quantized cache"
     if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype:
         return f"dtype {q.dtype}"
     if q.shape[-1] not in (64, 128) or q.shape[1] != k.shape[2]:
@@ -140,5 +170,6 @@ for _op, _fn, _applies in [
     ("gated_mlp", gated_mlp, None),
     ("attention", attention, None),
     ("decode_attention", attention, None),
+    ("paged_attention", paged_attention, None),
 ]:
     register(_op, Impl("xla", _fn, applies=_applies, reference=True))

@@ -164,15 +164,8 @@ def self_attention(p: Attention, x: jax.Array, positions: jax.Array, cache: KVCa
         k = ops.rms_norm(k, p.k_norm, eps=spec.norm_eps, offset=spec.norm_offset)
     q, k = ops.rope(q, positions, spec.rope), ops.rope(k, positions, spec.rope)
     cache = cache.write(layer, k, v, positions)
-    kv_len = kv_len or cache.capacity
-    keys, values = cache.k[layer][:, :, :kv_len], cache.v[layer][:, :, :kv_len]
-    kv_positions = jnp.broadcast_to(jnp.arange(kv_len, dtype=jnp.int32), (b, kv_len))
-    if t == 1:
-        out = ops.decode_attention(q, keys, values, positions, kv_positions, scale=spec.scale, window=spec.window,
-                                   softcap=spec.softcap)
-    else:  # kv_len == t only in a prefill of whole prompts (positions 0..t-1) into an empty cache
-        out = ops.attention(q, keys, values, positions, kv_positions, scale=spec.scale, window=spec.window,
-                            softcap=spec.softcap, causal_from_zero=kv_len == t)
+    out = cache.attend(layer, q, positions, ops=ops, scale=spec.scale, window=spec.window, softcap=spec.softcap,
+                       kv_len=kv_len)
     return ops.linear(out.reshape(b, t, -1), p.wo, p.bo), cache
 
 

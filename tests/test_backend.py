@@ -31,7 +31,7 @@ def _attention_args(b=1, t=5, heads=4, kv_heads=2, d=8, seed=0):
     k = jnp.asarray(rng.standard_normal((b, kv_heads, t, d)), jnp.float32)
     v = jnp.asarray(rng.standard_normal((b, kv_heads, t, d)), jnp.float32)
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    return (q, k, v, pos, pos), dict(scale=d ** -0.5)
+    return (q, k, v, pos), dict(scale=d ** -0.5)
 
 
 # ---------------------------------------------------------------------------------------------
