@@ -193,5 +193,24 @@ class Ops:
         return self.call("paged_attention", q, k_pages, v_pages, page_table, q_positions, scale=scale, window=window,
                          softcap=softcap, k_scale=k_scale, v_scale=v_scale)
 
+    def ragged_paged_attention(self, q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seqs, *,
+                               scale: float, window: int | None = None, softcap: float | None = None,
+                               k_scale=None, v_scale=None):
+        """Attention for a batch mixing prefill chunks and decode tokens over a paged cache, in one call
+        (ferrum_jax.ragged_kernels). Layout:
+          q          [tokens, heads, head_dim]: the new tokens of all sequences packed, sequence s owning
+                     tokens cu_q_lens[s] .. cu_q_lens[s+1]; tokens past cu_q_lens[num_seqs] are padding
+                     and come out as zeros. Returns [tokens, heads, head_dim] in q's dtype.
+          k_pages, v_pages  [pages, kv_heads, page_size, head_dim], already holding the new tokens' K/V;
+                     int8 / fp8 codes pass k_scale, v_scale [pages, kv_heads, page_size].
+          page_table int32 [seqs, pages_per_seq]: sequence s's slot j is in page page_table[s, j // page_size]
+                     at row j % page_size.
+          cu_q_lens  int32 [seqs + 1]; kv_lens int32 [seqs]: a sequence's length including its new tokens,
+                     so its token i is at position kv_lens[s] - q_len_s + i.
+          num_seqs   int32 scalar array: rows of the metadata past it are unused.
+        Slot j is visible to a query at position p when j <= p (and j > p - window)."""
+        return self.call("ragged_paged_attention", q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seqs,
+                         scale=scale, window=window, softcap=softcap, k_scale=k_scale, v_scale=v_scale)
+
 
 DEFAULT_OPS = Ops()

@@ -64,8 +64,9 @@ class KVCache:
         v = tuple(jnp.zeros(v_shape, dtype) for _ in range(num_layers))
         if jnp.dtype(dtype) not in KV_CODE_MAX:
             return KVCache(k=k, v=v)
-        scales = tuple(jnp.zeros(k_shape[:3], jnp.float32) for _ in range(num_layers))
-        return KVCache(k=k, v=v, k_scale=scales, v_scale=scales)
+        def scales() -> tuple[jax.Array, ...]:  # one buffer each: the cache is donated
+            return tuple(jnp.zeros(k_shape[:3], jnp.float32) for _ in range(num_layers))
+        return KVCache(k=k, v=v, k_scale=scales(), v_scale=scales())
 
     @property
     def batch(self) -> int:

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 
 from ferrum_jax.aliases import ALIASES, DEFAULT_MODEL
 from ferrum_jax.compile_log import DEFAULT_CACHE_DIR, enable_persistent_cache
-from ferrum_jax.errors import FerrumError
+from ferrum_jax.errors import ConfigError, FerrumError
 from ferrum_jax.generate import Completion, Stats, stream
+from ferrum_jax.kv_config import LAYOUTS, MAX_PAGE_SIZE, KVCacheConfig
 from ferrum_jax.model import DTYPES, Model, load
 from ferrum_jax.sampling import SamplingParams
 from ferrum_jax.sharding import make_mesh
@@ -31,6 +32,14 @@ def _common(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--capacity", type=int, default=None, help="KV cache capacity in tokens (default: fit)")
+    p.add_argument("--kv-cache", default="contiguous", choices=LAYOUTS,
+                   help="KV cache layout: a contiguous block per sequence, or pages from a shared pool "
+                        "(default contiguous)")
+    p.add_argument("--page-size", type=int, default=16,
+                   help=f"tokens per page of the paged KV cache: a power of two up to {MAX_PAGE_SIZE} (default 16)")
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", "int8", "fp8"],
+                   help="KV cache storage: auto = the model's dtype; int8 / fp8 (e4m3) codes with a float32 "
+                        "scale per token and kv head (about half the bytes of bf16)")
     p.add_argument("--compile-cache", default=str(DEFAULT_CACHE_DIR), metavar="DIR",
                    help="keep compiled programs here so the next run starts faster ('none' to turn off; "
                         f"default {DEFAULT_CACHE_DIR})")
@@ -71,9 +80,16 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
                           repetition_penalty=args.repetition_penalty, seed=args.seed).validate()
 
 
+def _kv_cache(args: argparse.Namespace) -> KVCacheConfig:
+    try:
+        return KVCacheConfig(layout=args.kv_cache, page_size=args.page_size, dtype=args.kv_dtype)
+    except FerrumError as e:  # name the flag, not the dataclass field
+        raise type(e)(str(e).replace("KVCacheConfig.page_size", "--page-size")) from None
+
+
 def _stream_to_stdout(model: Model, prompt, args: argparse.Namespace, chat: bool) -> Completion:
     gen = stream(model, prompt, max_tokens=args.max_tokens, sampling=_sampling(args), chat=chat,
-                 capacity=args.capacity)
+                 capacity=args.capacity, kv_cache=_kv_cache(args))
     while True:
         try:
             sys.stdout.write(next(gen))
@@ -98,6 +114,10 @@ def _check(args: argparse.Namespace) -> None:
     _sampling(args)
     if args.max_tokens < 1:
         raise FerrumError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    kv_cache = _kv_cache(args)
+    if args.tp * args.dp > 1 and not kv_cache.is_default:
+        raise ConfigError(f"--kv-cache {args.kv_cache} --kv-dtype {args.kv_dtype}: a sharded model (--tp / --dp) "
+                          "runs only the contiguous cache in the model's dtype (--kv-cache contiguous --kv-dtype auto)")
 
 
 def _load(args: argparse.Namespace) -> Model:

@@ -4,7 +4,9 @@ decode loop (`lax.while_loop` on device: forward, sample, stop checks; no host r
 Shapes are bucketed so programs are reused: batch to a power of two, prompt length to a power of
 two (>= 16), cache capacity to a power of two (>= 256). Prompts are right-padded: every sequence
 keeps positions 0..len-1 and its own write position, so no mask needs to know about padding.
-The KV cache and the decode state are donated: XLA updates them in place.
+The KV cache and the decode state are donated: XLA updates them in place. The cache is a
+`KVCache` (contiguous) or a `PagedKVCache`, int8 / fp8 or in the model's dtype, as the caller's
+`KVCacheConfig` says (`kv_cache=`); each kind of cache is its own pytree, so its own programs.
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ from ferrum_jax import sharding
 from ferrum_jax.backend import Ops, record_dispatch, summarize
 from ferrum_jax.cache import KVCache
 from ferrum_jax.compile_log import count_compiles
-from ferrum_jax.errors import FerrumError, PromptTooLongError, TokenizerError
+from ferrum_jax.errors import ConfigError, FerrumError, PromptTooLongError, TokenizerError
+from ferrum_jax.kv_config import KVCacheConfig
 from ferrum_jax.model import Model
+from ferrum_jax.paged_cache import PagedKVCache
 from ferrum_jax.sampling import GREEDY, SamplingArrays, SamplingParams, sample, update_seen
 
 MIN_PROMPT_BUCKET = 16
 MIN_CAPACITY = 256
 EOS_SLOTS = 8  # stop ids are padded to a fixed count so a new tokenizer does not recompile
+Cache = KVCache | PagedKVCache
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -76,9 +81,9 @@ def _advance(state: DecodeState, tok: jax.Array, seen: jax.Array, key: jax.Array
 
 
 @partial(jax.jit, static_argnames=("cfg", "ops"), donate_argnames=("cache",))
-def prefill(weights: Any, cache: KVCache, tokens: jax.Array, lengths: jax.Array, params: SamplingArrays,
+def prefill(weights: Any, cache: Cache, tokens: jax.Array, lengths: jax.Array, params: SamplingArrays,
             max_new: jax.Array, stop_ids: jax.Array, key: jax.Array, *, cfg: Any, ops: Ops
-            ) -> tuple[DecodeState, KVCache]:
+            ) -> tuple[DecodeState, Cache]:
     """Run right-padded prompts tokens [B, T] (true lengths [B]) into an empty cache and sample the
     first new token of each row."""
     b, t = tokens.shape
@@ -97,8 +102,8 @@ def prefill(weights: Any, cache: KVCache, tokens: jax.Array, lengths: jax.Array,
 
 
 @partial(jax.jit, static_argnames=("cfg", "ops"), donate_argnames=("cache", "state"))
-def decode(weights: Any, cache: KVCache, state: DecodeState, params: SamplingArrays, steps: jax.Array, *,
-           cfg: Any, ops: Ops) -> tuple[DecodeState, KVCache]:
+def decode(weights: Any, cache: Cache, state: DecodeState, params: SamplingArrays, steps: jax.Array, *,
+           cfg: Any, ops: Ops) -> tuple[DecodeState, Cache]:
     """Up to `steps` decode steps (fewer if every row stops), all on device."""
 
     def cond(carry):
@@ -170,8 +175,16 @@ class Generation:
     `completions()` runs it to the end. Built by `generate` and `stream`."""
 
     def __init__(self, model: Model, prompts: Sequence[Prompt], *, max_tokens: int, sampling, chat: bool,
-                 stop_token_ids: Sequence[int], capacity: int | None, chunk: int | None):
+                 stop_token_ids: Sequence[int], capacity: int | None, chunk: int | None,
+                 kv_cache: KVCacheConfig | None = None):
         self.model, self.chunk, self.stats = model, chunk, Stats()
+        kv_cache = KVCacheConfig() if kv_cache is None else kv_cache
+        if not isinstance(kv_cache, KVCacheConfig):
+            raise ConfigError(f"kv_cache must be a KVCacheConfig, got {type(kv_cache).__name__}")
+        if model.mesh is not None and not kv_cache.is_default:
+            raise ConfigError(f"kv_cache: a model on a device mesh runs only the contiguous cache in the model's "
+                              f"dtype (KVCacheConfig()); got layout={kv_cache.layout!r}, dtype={kv_cache.dtype!r}")
+        self.kv_cache = kv_cache
         params = list(sampling) if isinstance(sampling, Sequence) else [sampling] * len(prompts)
         if len(params) != len(prompts):
             raise FerrumError(f"got {len(params)} sampling settings for {len(prompts)} prompts")
@@ -189,7 +202,7 @@ class Generation:
             capacity = max(min(capacity, cfg.max_position_embeddings), longest)
         elif longest > capacity:
             raise PromptTooLongError(f"prompt of {longest} tokens does not fit the KV cache capacity of {capacity}")
-        self.capacity = capacity
+        self.capacity = kv_cache.capacity(capacity)  # a paged cache rounds up to whole pages
         self.batch = -(-bucket(len(prompts)) // model.data_parallel) * model.data_parallel  # rows split evenly
         t = min(bucket(longest, MIN_PROMPT_BUCKET), capacity)
         tokens = np.zeros((self.batch, t), np.int32)
@@ -229,7 +242,10 @@ class Generation:
     def _timed(self, fn, *args, **kw):
         """Run a jitted call, splitting compile time from run time. Op choices are only seen while
         tracing, so they are remembered per program for the calls that reuse it."""
-        program = (fn.__name__, kw["cfg"], kw["ops"], self.batch, self.tokens.shape[1], self.capacity)
+        cache = args[1]  # its kind, shapes and dtypes pick the program (a paged cache's page order does not)
+        leaves, tree = jax.tree_util.tree_flatten(cache)
+        layout = (tree, tuple((a.shape, a.dtype) for a in leaves))
+        program = (fn.__name__, kw["cfg"], kw["ops"], self.batch, self.tokens.shape[1], layout)
         with count_compiles() as log, record_dispatch() as choices:
             start = time.perf_counter()
             out = fn(*args, **kw)
@@ -247,7 +263,7 @@ class Generation:
         m, cfg = self.model, self.model.config
         shape = dict(num_layers=cfg.num_layers, batch=self.batch, kv_heads=cfg.num_kv_heads, capacity=self.capacity,
                      head_dim=cfg.head_dim, dtype=m.dtype)
-        cache = KVCache.create(**shape) if m.mesh is None else sharding.create_cache(m.mesh, **shape)
+        cache = self.kv_cache.create(**shape) if m.mesh is None else sharding.create_cache(m.mesh, **shape)
         prefill_fn, decode_fn = _programs(m.mesh)
         rows = functools.partial(sharding.place, m.mesh)  # per-row inputs, split over "data" on a mesh
         params = rows(self.params)
@@ -292,26 +308,28 @@ class Generation:
 
 def generate(model: Model, prompts: Prompt | Sequence[Prompt], *, max_tokens: int = 256,
              sampling: SamplingParams | Sequence[SamplingParams] = GREEDY, chat: bool = False,
-             stop_token_ids: Sequence[int] = (), capacity: int | None = None) -> Completion | list[Completion]:
+             stop_token_ids: Sequence[int] = (), capacity: int | None = None,
+             kv_cache: KVCacheConfig | None = None) -> Completion | list[Completion]:
     """Generate continuations. A single prompt (a string or a list of token ids) gives one
-    Completion; a list of prompts gives a list. The whole decode loop runs on device."""
+    Completion; a list of prompts gives a list. The whole decode loop runs on device. `kv_cache`
+    picks the cache layout and storage dtype (None: `KVCacheConfig()`, contiguous in the model's dtype)."""
     single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
     batch = [prompts] if single else list(prompts)
     if not batch:
         raise FerrumError("no prompts given")
     run = Generation(model, batch, max_tokens=max_tokens, sampling=sampling, chat=chat,
-                     stop_token_ids=stop_token_ids, capacity=capacity, chunk=None)
+                     stop_token_ids=stop_token_ids, capacity=capacity, chunk=None, kv_cache=kv_cache)
     out = run.completions()
     return out[0] if single else out
 
 
 def stream(model: Model, prompt: Prompt, *, max_tokens: int = 256, sampling: SamplingParams = GREEDY,
            chat: bool = False, stop_token_ids: Sequence[int] = (), capacity: int | None = None,
-           chunk: int = 4) -> Iterator[str]:
+           chunk: int = 4, kv_cache: KVCacheConfig | None = None) -> Iterator[str]:
     """Yield text as it is generated (every `chunk` tokens; the same compiled decode program as
     `generate`). The generator's return value (StopIteration.value) is the final Completion."""
     run = Generation(model, [prompt], max_tokens=max_tokens, sampling=sampling, chat=chat,
-                     stop_token_ids=stop_token_ids, capacity=capacity, chunk=chunk)
+                     stop_token_ids=stop_token_ids, capacity=capacity, chunk=chunk, kv_cache=kv_cache)
     tok = model.tokenizer
     if tok is None:
         raise TokenizerError("streaming text needs a tokenizer")

@@ -19,14 +19,24 @@ Two ops, so that a routing kernel and a grouped-matmul kernel can register separ
 
 Expert weights are stacked [experts, out_features, in_features]: each expert in the checkpoint's
 own [out, in] layout. The ids and weights never leave the device; all shapes are static.
+
+Two references of moe_experts: "xla" for dense stacks, and "xla_dequant" for stacks that are packed
+`GGUFWeight`s with a leading expert axis (GGUF files; any ggml type the block dequantizers know, and
+dense stacks mixed in). The packed one never holds more than the experts it reads in dense form:
+decode gathers the selected experts' packed blocks and dequantizes only those; more rows run a scan
+over the experts, dequantizing one expert per step and skipping experts no row was routed to.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from ferrum_jax.backend import Impl, register
+from ferrum_jax.quant.packed import GGUFWeight
 
 
 def moe_route(x: jax.Array, router: jax.Array, *, top_k: int, norm_topk_prob: bool, ops) -> tuple[jax.Array, jax.Array]:
@@ -92,11 +102,100 @@ def moe_experts(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate: jax.Ar
     return out.astype(out_dtype).reshape(shape)
 
 
+def _dense(w: Any, dtype: Any) -> jax.Array:
+    """A stack, or experts taken from one, as a dense array of `dtype` (packed blocks decoded)."""
+    return w.dequantize(dtype) if isinstance(w, GGUFWeight) else w.astype(dtype)
+
+
+def _take(w: Any, idx: jax.Array) -> Any:
+    """The experts `idx` (int [...]) of a stack: [..., out, in]. Packed stacks gather their uint8
+    blocks (nothing is decoded here), dense ones their rows."""
+    if isinstance(w, GGUFWeight):
+        return GGUFWeight(jnp.take(w.data, idx, axis=0), w.ggml_type, (*idx.shape, *w.shape[-2:]), w.compute_dtype)
+    return jnp.take(w, idx, axis=0)
+
+
+def _num_experts(w: Any) -> int:
+    return int(w.data.shape[0] if isinstance(w, GGUFWeight) else w.shape[0])
+
+
+def moe_experts_packed(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate: Any, w_up: Any | None, w_down: Any,
+                       kind: str, *, expert_offset: int | jax.Array = 0, ops) -> jax.Array:
+    """`moe_experts` over packed stacks (`GGUFWeight` [E, out, in]; dense stacks also work), same
+    semantics as the dense reference, with memory bounded by what is read:
+
+    - few rows (n * k < E, decode): gather the n * k selected experts' packed blocks, dequantize
+      those ([n, k, out, in] in x's dtype), then the same per-row products as the dense reference;
+    - otherwise: `lax.scan` over the E experts, each step dequantizing one expert's three matrices
+      and running it on every row, weighted by that expert's column of the [n, E] routing matrix
+      (zero for rows that did not pick it); an expert no row picked is skipped (`lax.cond`). The
+      dense weights alive at a time are one expert's, never the whole stack.
+    """
+    shape, h = x.shape, x.shape[-1]
+    out_dtype = x.dtype
+    if jax.default_backend() == "cpu" and x.dtype != jnp.float32:
+        x = x.astype(jnp.float32)  # XLA's CPU runtime has no batched bf16 dot (see ops.attention)
+    k = ids.shape[-1]
+    xs = x.reshape(-1, h)
+    n, e = xs.shape[0], _num_experts(w_gate)
+    local = ids.reshape(n, k) - expert_offset
+    mine = (local >= 0) & (local < e)
+    weights = jnp.where(mine, weights.reshape(n, k).astype(jnp.float32), 0.0)
+    local = jnp.clip(local, 0, e - 1)
+    dt = x.dtype
+
+    if n * k < e:
+        g = jnp.einsum("nh,nkfh->nkf", xs, _dense(_take(w_gate, local), dt), preferred_element_type=jnp.float32)
+        if w_up is None:
+            g, u = jnp.split(g, 2, axis=-1)
+        else:
+            u = jnp.einsum("nh,nkfh->nkf", xs, _dense(_take(w_up, local), dt), preferred_element_type=jnp.float32)
+        a = (ops.activation(g, kind) * u).astype(dt)
+        y = jnp.einsum("nkf,nkhf->nkh", a, _dense(_take(w_down, local), dt), preferred_element_type=jnp.float32)
+        out = jnp.einsum("nkh,nk->nh", y, weights)
+        return out.astype(out_dtype).reshape(shape)
+
+    combine = jnp.zeros((n, e), jnp.float32).at[jnp.arange(n)[:, None], local].add(weights)
+
+    def one_expert(acc: jax.Array, per_expert: tuple) -> tuple[jax.Array, None]:
+        wg, wu, wd, c = per_expert  # one expert's packed (or dense) matrices, its routing column [n]
+
+        def run(acc: jax.Array) -> jax.Array:
+            g = jnp.einsum("nh,fh->nf", xs, _dense(wg, dt), preferred_element_type=jnp.float32)
+            if wu is None:
+                g, u = jnp.split(g, 2, axis=-1)
+            else:
+                u = jnp.einsum("nh,fh->nf", xs, _dense(wu, dt), preferred_element_type=jnp.float32)
+            a = (ops.activation(g, kind) * u).astype(dt)
+            y = jnp.einsum("nf,hf->nh", a, _dense(wd, dt), preferred_element_type=jnp.float32)
+            return acc + y * c[:, None]
+
+        return lax.cond(jnp.any(c != 0), run, lambda acc: acc, acc), None
+
+    out, _ = lax.scan(one_expert, jnp.zeros((n, h), jnp.float32), (w_gate, w_up, w_down, combine.T))
+    return out.astype(out_dtype).reshape(shape)
+
+
+def _stacks(w_gate: Any, w_up: Any, w_down: Any) -> tuple:
+    return (w_gate, w_down) if w_up is None else (w_gate, w_up, w_down)
+
+
 def _dense_experts(x, ids, weights, w_gate, w_up, w_down, kind, **kwargs) -> str | None:
-    ws = (w_gate, w_down) if w_up is None else (w_gate, w_up, w_down)
-    bad = [type(w).__name__ for w in ws if not isinstance(w, jax.Array)]
+    bad = [type(w).__name__ for w in _stacks(w_gate, w_up, w_down) if not isinstance(w, jax.Array)]
     return f"expert weights are {', '.join(bad)}, not dense arrays" if bad else None
+
+
+def _packed_experts(x, ids, weights, w_gate, w_up, w_down, kind, **kwargs) -> str | None:
+    ws = _stacks(w_gate, w_up, w_down)
+    bad = [type(w).__name__ for w in ws if not isinstance(w, (jax.Array, GGUFWeight))]
+    if bad:
+        return f"expert weights are {', '.join(bad)}, not GGUFWeight stacks or dense arrays"
+    flat = [w for w in ws if isinstance(w, GGUFWeight) and w.data.ndim != 3]
+    if flat:
+        return f"GGUFWeight of shape {flat[0].logical_shape} is not an [experts, out, in] stack"
+    return None
 
 
 register("moe_route", Impl("xla", moe_route, reference=True))
 register("moe_experts", Impl("xla", moe_experts, applies=_dense_experts, reference=True))
+register("moe_experts", Impl("xla_dequant", moe_experts_packed, applies=_packed_experts, reference=True))

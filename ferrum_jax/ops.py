@@ -111,6 +111,14 @@ def dequantize_kv(x: jax.Array, scale: jax.Array | None, dtype: jnp.dtype) -> ja
     return (x.astype(jnp.float32) * scale[..., None].astype(jnp.float32)).astype(dtype)
 
 
+def gather_pages(pages: jax.Array, table: jax.Array) -> jax.Array:
+    """Pages [num_pages, kv_heads, page_size, ...] through table [batch, n] -> the contiguous
+    [batch, kv_heads, n * page_size, ...] view. Entries past a sequence's pages may hold anything:
+    they are clipped into range, and their slots are masked by position anyway."""
+    g = jnp.moveaxis(jnp.take(pages, table, axis=0, mode="clip"), 2, 1)  # [batch, kv_heads, n, page_size, ...]
+    return g.reshape(g.shape[0], g.shape[1], g.shape[2] * g.shape[3], *g.shape[4:])
+
+
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
                     q_positions: jax.Array, *, scale: float, window: int | None = None,
                     softcap: float | None = None, k_scale: jax.Array | None = None,
@@ -120,11 +128,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_t
     page_table[b, s // page_size] at row s % page_size. The reference gathers the pages into a
     contiguous [batch, kv_heads, pages_per_seq * page_size, head_dim] view."""
     def gather(pages: jax.Array | None) -> jax.Array | None:
-        if pages is None:
-            return None
-        g = jnp.take(pages, page_table, axis=0)  # [batch, pages_per_seq, kv_heads, page_size, ...]
-        g = jnp.moveaxis(g, 2, 1)
-        return g.reshape(g.shape[0], g.shape[1], g.shape[2] * g.shape[3], *g.shape[4:])
+        return None if pages is None else gather_pages(pages, page_table)
     return attention(q, gather(k_pages), gather(v_pages), q_positions, scale=scale, window=window,
                      softcap=softcap, k_scale=gather(k_scale), v_scale=gather(v_scale))
 

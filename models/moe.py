@@ -9,7 +9,9 @@ sum 1 when `norm_topk_prob` (Qwen configs say; Mixtral always, its "softmax over
 Qwen layers in `mlp_only_layers`, or not on the `decoder_sparse_step` grid, have a dense MLP of
 `intermediate_size`. Attention is Llama's: q/k norm (Qwen3-MoE), qkv bias (Qwen2-MoE), sliding
 window (Mixtral's `sliding_window`, Qwen's layer_types). Per-expert checkpoint tensors are stacked
-into [experts, out, in] arrays when the weights are built.
+into [experts, out, in] arrays when the weights are built; GGUF files store the stacks themselves
+(`tensor_shapes(cfg, stacked=True)` names them), and a quantized stack stays a packed `GGUFWeight`
+with a leading expert axis (`ferrum_jax.moe_ops` decodes only what it reads).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import jax.numpy as jnp
 
 from ferrum_jax.backend import Ops
 from ferrum_jax.cache import KVCache
-from ferrum_jax.errors import ConfigError
+from ferrum_jax.errors import CheckpointError, ConfigError
+from ferrum_jax.quant.packed import GGUFWeight
 from models.common import (Array, Attention, AttnSpec, DecoderConfig, HFConfig, Mlp, attention_shapes,
                            attention_weights, final_logits, mlp_shapes, mlp_weights, self_attention)
 from models.llama import _layer_windows
@@ -101,6 +104,7 @@ class Config(DecoderConfig):
 @dataclasses.dataclass(frozen=True)
 class Moe:
     router: Array  # [experts, hidden]
+    # Stacks: dense arrays, or packed GGUFWeights with a leading expert axis (from GGUF files).
     gate: Array  # [experts, moe_intermediate, hidden]
     up: Array | None  # same; None when fused into gate ([gate_e; up_e] rows per expert)
     down: Array  # [experts, hidden, moe_intermediate]
@@ -132,13 +136,26 @@ def _expert_names(cfg: Config, p: str, e: int) -> tuple[str, str, str]:
     return x + gate + ".weight", x + up + ".weight", x + down + ".weight"
 
 
-def moe_shapes(p: str, cfg: Config) -> dict[str, tuple[int, ...]]:
-    """HF tensor names and shapes of one layer's MoE block (per expert, as checkpoints store them)."""
-    h, f = cfg.hidden_size, cfg.moe_intermediate_size
-    shapes = {p + _NAMES[cfg.naming][0] + "gate.weight": (cfg.num_experts, h)}
-    for e in range(cfg.num_experts):
-        gate, up, down = _expert_names(cfg, p, e)
-        shapes |= {gate: (f, h), up: (f, h), down: (h, f)}
+def stack_names(cfg: Config, p: str) -> tuple[str, str, str]:
+    """Names of one layer's stacked expert tensors (gate, up, down): the per-expert names without the
+    expert index, e.g. `model.layers.0.mlp.experts.gate_proj.weight` (gguf's name map knows them)."""
+    block, gate, up, down = _NAMES[cfg.naming]
+    x = f"{p}{block}experts."
+    return x + gate + ".weight", x + up + ".weight", x + down + ".weight"
+
+
+def moe_shapes(p: str, cfg: Config, *, stacked: bool = False) -> dict[str, tuple[int, ...]]:
+    """HF tensor names and shapes of one layer's MoE block: per expert, as HF checkpoints store them,
+    or (`stacked`) one [experts, out, in] tensor per projection, as GGUF files do."""
+    h, f, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+    shapes = {p + _NAMES[cfg.naming][0] + "gate.weight": (e, h)}
+    if stacked:
+        gate, up, down = stack_names(cfg, p)
+        shapes |= {gate: (e, f, h), up: (e, f, h), down: (e, h, f)}
+    else:
+        for i in range(e):
+            gate, up, down = _expert_names(cfg, p, i)
+            shapes |= {gate: (f, h), up: (f, h), down: (h, f)}
     if cfg.shared_expert_intermediate_size:
         s, fs = p + "mlp.shared_expert.", cfg.shared_expert_intermediate_size
         shapes |= {s + "gate_proj.weight": (fs, h), s + "up_proj.weight": (fs, h), s + "down_proj.weight": (h, fs),
@@ -146,8 +163,9 @@ def moe_shapes(p: str, cfg: Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def tensor_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> shape that this config implies (the loader checks the checkpoint against it)."""
+def tensor_shapes(cfg: Config, *, stacked: bool = False) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape that this config implies (the loader checks the checkpoint against it).
+    `stacked`: the experts of each MoE layer as three [experts, out, in] tensors (`stack_names`)."""
     h = cfg.hidden_size
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
     if not cfg.tie_word_embeddings:
@@ -156,19 +174,39 @@ def tensor_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
         p = f"model.layers.{i}."
         shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
         shapes |= attention_shapes(p, cfg, qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias, qk_norm=cfg.qk_norm)
-        shapes |= moe_shapes(p, cfg) if cfg.sparse[i] else mlp_shapes(p, cfg)
+        shapes |= moe_shapes(p, cfg, stacked=stacked) if cfg.sparse[i] else mlp_shapes(p, cfg)
     return shapes
 
 
+def _stack(t: Mapping[str, Any], names: list[str]) -> Any:
+    """One projection's per-expert tensors as an [experts, out, in] stack: dense arrays stacked, packed
+    GGUF tensors of one ggml type stacked block for block (a `GGUFWeight` with a leading expert axis)."""
+    ws = [t[n] for n in names]
+    if all(isinstance(w, jax.Array) for w in ws):
+        return jnp.stack(ws)
+    if all(isinstance(w, GGUFWeight) for w in ws):
+        types = {w.ggml_type for w in ws}
+        if len(types) > 1:
+            raise CheckpointError(f"{names[0]} .. {names[-1]}: the experts of one projection have different ggml "
+                                  f"types ({', '.join(sorted(types))}); one type per stack is supported")
+        first = ws[0]
+        return GGUFWeight(jnp.stack([w.data for w in ws]), first.ggml_type, (len(ws), *first.shape),
+                          first.compute_dtype)
+    packed = next(n for n, w in zip(names, ws) if not isinstance(w, (jax.Array, GGUFWeight)))
+    raise ConfigError(f"{packed}: quantized expert weights ({type(t[packed]).__name__}) are not supported yet; "
+                      "MoE models load from dense checkpoints and GGUF files")
+
+
 def moe_weights(cfg: Config, t: Mapping[str, Any], p: str) -> Moe:
-    """Stack the per-expert tensors into [experts, out, in] arrays (each layer's copies are dropped
-    with `t` once the weights are built)."""
-    names = [_expert_names(cfg, p, e) for e in range(cfg.num_experts)]
-    packed = next((n for ns in names for n in ns if not isinstance(t[n], jax.Array)), None)
-    if packed is not None:
-        raise ConfigError(f"{packed}: quantized expert weights ({type(t[packed]).__name__}) are not supported yet; "
-                          "MoE models load from dense checkpoints")
-    gate, up, down = (jnp.stack([t[n[j]] for n in names]) for j in range(3))
+    """The layer's MoE block. Stacked tensors (`stack_names`, from GGUF files: dense arrays or packed
+    `GGUFWeight`s [experts, out, in]) are taken as they are; per-expert tensors (HF checkpoints) are
+    stacked (each layer's copies are dropped with `t` once the weights are built)."""
+    stacked = stack_names(cfg, p)
+    if stacked[0] in t:
+        gate, up, down = (t[n] for n in stacked)
+    else:
+        names = [_expert_names(cfg, p, e) for e in range(cfg.num_experts)]
+        gate, up, down = (_stack(t, [n[j] for n in names]) for j in range(3))
     shared = shared_gate = None
     if cfg.shared_expert_intermediate_size:
         s = p + "mlp.shared_expert."

@@ -525,7 +525,7 @@ def test_gemma3_hard_coded_defaults(tmp_path):
                   "qwen2moe.expert_shared_feed_forward_length": 128}, "Qwen2MoeForCausalLM"),
     ("llama", {"llama.expert_count": 8, "llama.expert_used_count": 2}, "MixtralForCausalLM"),
 ])
-def test_moe_metadata_is_mapped_but_refused(arch, extra, hf_arch, tmp_path):
+def test_moe_metadata_is_mapped(arch, extra, hf_arch, tmp_path):
     a = arch + "."
     meta = {a + "context_length": 128, a + "embedding_length": 32, a + "feed_forward_length": 64,
             a + "block_count": 2, a + "attention.head_count": 4, a + "attention.head_count_kv": 2,
@@ -533,9 +533,9 @@ def test_moe_metadata_is_mapped_but_refused(arch, extra, hf_arch, tmp_path):
     md = _config_file(tmp_path, arch, meta)
     d = fgguf.gguf_config_dict(md)
     assert d["architectures"] == [hf_arch] and d["num_experts"] == 8 and d["num_experts_per_tok"] == 2
-    with pytest.raises(UnsupportedArchitectureError, match=hf_arch) as e:
+    # a metadata-only file gets past the config and stops at its first missing tensor, named
+    with pytest.raises(CheckpointError, match=r"no tensor 'output_norm\.weight'"):
         load_gguf(md.path, dtype=jnp.float32, progress=False)
-    assert str(md.path) in str(e.value)
 
 
 def test_unknown_architecture(tmp_path):

@@ -18,6 +18,8 @@ from ferrum_jax.quant.qweight import GGUF_FORMATS, QuantWeight, gptq_format
 from ferrum_jax.quant.repack import repack_gguf, repack_weights
 from pallas_kernels import quant_matmul as qm
 
+INTERPRET = jax.default_backend() != "gpu"  # the real kernels on a GPU, interpret mode elsewhere
+
 GGUF_TYPES = list(GGUF_FORMATS)
 
 
@@ -54,7 +56,7 @@ def test_gptq_layout_with_act_order():
 
 def _check_kernel(w: QuantWeight, dense: np.ndarray, m: int, config: qm.GemvConfig, seed: int = 0) -> None:
     x = np.random.default_rng(seed).standard_normal((m, dense.shape[1])).astype(np.float32)
-    got = np.asarray(qm.qmatmul(jnp.asarray(x), w, config=config, interpret=True), np.float64)
+    got = np.asarray(qm.qmatmul(jnp.asarray(x), w, config=config, interpret=INTERPRET), np.float64)
     want = x.astype(np.float64) @ dense.astype(np.float64).T
     err = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert got.shape == want.shape and err < 1e-5, err
@@ -75,7 +77,7 @@ def test_kernel_dp4a(ggml_type, m):
     """int8 activations per group: within ~1e-2 of the exact product (llama.cpp's q8_1 trade)."""
     w, dense = _gguf(np.random.default_rng(8), ggml_type, (40, 1024))
     x = np.random.default_rng(m).standard_normal((m, 1024)).astype(np.float32)
-    got = np.asarray(qm.qmatmul(jnp.asarray(x), w, config=qm.choose_config(w, m, "dp4a"), interpret=True), np.float64)
+    got = np.asarray(qm.qmatmul(jnp.asarray(x), w, config=qm.choose_config(w, m, "dp4a"), interpret=INTERPRET), np.float64)
     want = x.astype(np.float64) @ dense.astype(np.float64).T
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
     xq, d, xsum = qm.quantize_activations(jnp.asarray(x), 32)  # the activations it used, checked apart
@@ -151,10 +153,10 @@ def test_model_dtype_ignores_the_scales_of_packed_weights():
 @pytest.mark.parametrize("ggml_type", GGUF_TYPES)
 def test_pallas_dequantize_gguf(ggml_type):
     w, want = _gguf(np.random.default_rng(6), ggml_type, (40, 1024))
-    got = np.asarray(qm.dequantize(w, jnp.float32, interpret=True))
+    got = np.asarray(qm.dequantize(w, jnp.float32, interpret=INTERPRET))
     np.testing.assert_array_equal(got, want.astype(np.float32))
 
 
 def test_pallas_dequantize_gptq_act_order():
     w, want = _gptq(np.random.default_rng(7), 4, 72, 384, 32, perm=True)
-    np.testing.assert_allclose(np.asarray(qm.dequantize(w, jnp.float32, interpret=True)), want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(qm.dequantize(w, jnp.float32, interpret=INTERPRET)), want, rtol=1e-6, atol=1e-7)

@@ -11,13 +11,13 @@ fails midway every array already placed is deleted before the error propagates.
 Config. `general.architecture` and the `<arch>.*` keys become an HF-style config dict
 (`gguf_config_dict`) handed to `models.config_from_hf`, so a GGUF and an HF checkpoint of the same
 model give the same Config. Supported: llama (Llama 2/3.x, Mistral, SmolLM, ...), qwen2, qwen3,
-gemma3. The MoE architectures qwen2moe, qwen3moe and llama files with experts (Mixtral) are
-mapped too but rejected with UnsupportedArchitectureError until their expert tensors are mapped
-(models.moe reads them from HF checkpoints only). What llama.cpp hard-codes rather than stores is
+gemma3, and the MoE architectures (models.moe) qwen3moe, qwen2moe (shared expert) and llama files
+with `llama.expert_count` > 0 (Mixtral). What llama.cpp hard-codes rather than stores is
 reproduced here: Gemma 3's every-6th-layer-global pattern, its local rope base 10000 and its
 attention scale (head_dim^-1/2, hidden/heads for the 62-layer 27B); Llama 3.x rope scaling, which
 the converter stores only as the `rope_freqs.weight` tensor of per-frequency divisors, is recovered
-as HF's "llama3" rope parameters (and checked to reproduce it).
+as HF's "llama3" rope parameters (and checked to reproduce it); the top-k routing weights are
+renormalised for qwen3moe and Mixtral, not for qwen2moe.
 
 Tensors. GGUF names (`blk.N.attn_q.weight`, ...) map onto the HF names of the family's
 `tensor_shapes(cfg)`; GGUF lists dims innermost first, so our [out, in] is the reversed GGUF
@@ -30,10 +30,20 @@ loader does, `LlamaTensorProcessor` and `Gemma2TensorProcessor`):
     by 1 + w). We subtract 1 (in float32) since our Gemma model applies the + 1 itself.
 qwen2 / qwen3 / gemma3 rope already uses the rotate-half (NEOX) order: no permutation.
 
+MoE tensors. Each sparse layer has the router `ffn_gate_inp` [experts, hidden] and the expert stacks
+`ffn_{gate,up,down}_exps` (numpy shape [experts, out, in]); qwen2moe adds the shared expert
+`ffn_{gate,up,down}_shexp` and its gate `ffn_gate_inp_shexp` (stored 1-D [hidden]: the converter
+squeezes HF's [1, hidden]). They map onto models.moe's stacked names (`tensor_shapes(cfg,
+stacked=True)`). Old Mixtral files with one tensor per expert (`blk.N.ffn_gate.E.weight`) load too,
+stacked at load. A qwen moe layer that has a dense `ffn_gate` and no router is a dense layer
+(`mlp_only_layers`).
+
 Storage. Quantized 2-D tensors (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K) stay packed on device as
 `ferrum_jax.quant.GGUFWeight` (uint8 blocks, dequantized inside the jitted matmul / embedding
-gather); F32/F16/BF16 tensors become dense arrays of the target dtype, and so do 1-D tensors (norm
-weights, biases) whatever their type. Other types (IQ*, TQ*, ...) are refused up front with a
+gather), and so do quantized 3-D expert stacks (a GGUFWeight [experts, out, in]: the file's blocks
+with a leading expert axis; `moe_ops` decodes only the experts it reads); F32/F16/BF16 tensors
+become dense arrays of the target dtype, and so do 1-D tensors (norm weights, biases) whatever
+their type. Other types (IQ*, TQ*, ...) are refused up front with a
 CheckpointError naming the tensor and its type. `dequantize=True` turns every weight into a dense
 array at load instead (faster on the CPU, where XLA does not fuse the block decoding into the
 matmul as well; needs the memory of a dense model).
@@ -43,6 +53,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +82,7 @@ logger = logging.getLogger(__name__)
 GGUF_MAGIC = b"GGUF"
 
 # GGUF architecture -> the HF architecture its config dict gets. Only those whose HF architecture is
-# in `models.ARCHITECTURES` load; the others are mapped for a later MoE family and refused for now.
+# in `models.ARCHITECTURES` load.
 HF_ARCHITECTURES: dict[str, str] = {
     "llama": "LlamaForCausalLM",  # also Mistral (llama.cpp writes it as "llama"), and Mixtral (with experts)
     "qwen2": "Qwen2ForCausalLM",
@@ -95,9 +106,26 @@ _ATTN_NAMES = {
     "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
+# models.moe (stacked names, see models.moe.stack_names); the same in gguf's own name map.
+_MOE_NAMES = {
+    "mlp.gate.weight": "ffn_gate_inp.weight", "block_sparse_moe.gate.weight": "ffn_gate_inp.weight",
+    "mlp.experts.gate_proj.weight": "ffn_gate_exps.weight",
+    "block_sparse_moe.experts.w1.weight": "ffn_gate_exps.weight",
+    "mlp.experts.up_proj.weight": "ffn_up_exps.weight", "block_sparse_moe.experts.w3.weight": "ffn_up_exps.weight",
+    "mlp.experts.down_proj.weight": "ffn_down_exps.weight",
+    "block_sparse_moe.experts.w2.weight": "ffn_down_exps.weight",
+    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
+}
+# Per-expert HF names -> the per-expert tensors of old Mixtral GGUF files (`blk.N.ffn_gate.E.weight`).
+_EXPERT_NAME = re.compile(r"(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
+_EXPERT_PROJ = {"gate_proj": "ffn_gate", "w1": "ffn_gate", "up_proj": "ffn_up", "w3": "ffn_up",
+                "down_proj": "ffn_down", "w2": "ffn_down"}
 _LAYER_NAMES = {
-    "llama": _ATTN_NAMES | {"input_layernorm.weight": "attn_norm.weight",
-                            "post_attention_layernorm.weight": "ffn_norm.weight"},
+    "llama": _ATTN_NAMES | _MOE_NAMES | {"input_layernorm.weight": "attn_norm.weight",
+                                         "post_attention_layernorm.weight": "ffn_norm.weight"},
     "gemma3": _ATTN_NAMES | {"input_layernorm.weight": "attn_norm.weight",
                              "post_attention_layernorm.weight": "post_attention_norm.weight",
                              "pre_feedforward_layernorm.weight": "ffn_norm.weight",
@@ -307,13 +335,18 @@ def gguf_config_dict(meta: GGUFMetadata, tensors: Mapping[str, Any] | None = Non
                               "(and there is no tokenizer.ggml.tokens to count)")
     num_layers = meta.req(a + "block_count")
     max_pos = meta.req(a + "context_length")
+    experts = meta.get_as(a + "expert_count", int, 0)
+    if experts and a + "feed_forward_length" not in meta:  # the dense MLP size: unused without dense layers
+        ffn = meta.req(a + "expert_feed_forward_length")
+    else:
+        ffn = meta.req(a + "feed_forward_length")
 
     d: dict[str, Any] = {
         "architectures": [HF_ARCHITECTURES[arch]],
         "model_type": arch,
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": meta.req(a + "feed_forward_length"),
+        "intermediate_size": ffn,
         "num_hidden_layers": num_layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
@@ -330,18 +363,8 @@ def gguf_config_dict(meta: GGUFMetadata, tensors: Mapping[str, Any] | None = Non
     d["rope_theta"] = theta
 
     window = meta.get_as(a + "attention.sliding_window", int)
-    experts = meta.get_as(a + "expert_count", int, 0)
-    if experts:  # MoE keys, for the MoE families to come
-        d |= {"num_experts": experts, "num_local_experts": experts,
-              "num_experts_per_tok": meta.req(a + "expert_used_count")}
-        if a + "expert_feed_forward_length" in meta:
-            d["moe_intermediate_size"] = meta.req(a + "expert_feed_forward_length")
-        if a + "expert_shared_feed_forward_length" in meta:
-            d["shared_expert_intermediate_size"] = meta.req(a + "expert_shared_feed_forward_length")
-        if arch == "llama":
-            d["architectures"] = ["MixtralForCausalLM"]
-        if arch == "qwen3moe":
-            d["norm_topk_prob"] = True  # llama.cpp always renormalizes the top-k weights
+    if experts or arch in ("qwen2moe", "qwen3moe"):
+        d |= _moe_fields(meta, a, arch, experts, num_layers, tensors)
 
     if arch == "gemma3":
         d |= _gemma3_fields(meta, a, num_layers, hidden, heads, head_dim, window, theta, rope)
@@ -356,6 +379,34 @@ def gguf_config_dict(meta: GGUFMetadata, tensors: Mapping[str, Any] | None = Non
                 d["sliding_window"] = window
             else:
                 d |= {"sliding_window": window, "use_sliding_window": False}
+    return d
+
+
+def _moe_fields(meta: GGUFMetadata, a: str, arch: str, experts: int, num_layers: int,
+                tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """The MoE part of the config dict (models.moe reads it as it reads an HF config.json)."""
+    if experts <= 0:
+        raise ConfigError(f"{meta.path}: required GGUF metadata key {a + 'expert_count'!r} is missing or not positive "
+                          f"(architecture {arch!r} is a mixture of experts)")
+    d: dict[str, Any] = {"num_experts": experts, "num_local_experts": experts,
+                         "num_experts_per_tok": meta.req(a + "expert_used_count")}
+    if arch == "llama":  # Mixtral: the experts are feed_forward_length wide; top-k always renormalised
+        d["architectures"] = ["MixtralForCausalLM"]
+        return d
+    d["moe_intermediate_size"] = meta.req(a + "expert_feed_forward_length")
+    # llama.cpp renormalises the top-k routing weights for qwen3moe, never for qwen2moe.
+    d["norm_topk_prob"] = arch == "qwen3moe"
+    # llama.cpp knows no dense layers in these archs; a layer with a dense MLP and no router is one.
+    dense = [i for i in range(num_layers)
+             if f"blk.{i}.ffn_gate_inp.weight" not in tensors and f"blk.{i}.ffn_gate.weight" in tensors]
+    d |= {"decoder_sparse_step": 1, "mlp_only_layers": dense}
+    if arch == "qwen2moe":
+        key = a + "expert_shared_feed_forward_length"
+        if key in meta:
+            d["shared_expert_intermediate_size"] = meta.req(key)
+        elif any(name.endswith(".ffn_gate_shexp.weight") for name in tensors):
+            raise ConfigError(f"{meta.path}: required GGUF metadata key {key!r} is missing (the file has shared "
+                              "expert tensors ffn_*_shexp)")
     return d
 
 
@@ -485,25 +536,42 @@ def read_config(meta: GGUFMetadata) -> Any:
     d = gguf_config_dict(meta)
     meta.config = d
     hf_arch = d["architectures"][0]
-    # models.moe runs from HF checkpoints; its GGUF tensors (stacked `ffn_*_exps`) are not mapped yet.
-    readable = lambda hf: hf in models.ARCHITECTURES and models.ARCHITECTURES[hf] is not models.moe
-    if not readable(hf_arch):
+    if hf_arch not in models.ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"{meta.path}: GGUF architecture {meta.architecture!r} ({hf_arch}) is not supported yet; supported: "
-            f"{', '.join(a for a, hf in HF_ARCHITECTURES.items() if readable(hf))}")
+            f"{', '.join(a for a, hf in HF_ARCHITECTURES.items() if hf in models.ARCHITECTURES)}")
     return models.config_from_hf(d, where=f"{meta.path} (GGUF metadata)")
 
 
 # --- tensors ---------------------------------------------------------------------------------------
 
 
-def gguf_tensor_names(cfg: Any) -> dict[str, str]:
-    """HF tensor name (as `tensor_shapes(cfg)` lists them) -> GGUF tensor name."""
+def expected_shapes(cfg: Any, *, split_experts: bool = False) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape of what a GGUF file holds for `cfg`: the family's `tensor_shapes`,
+    with MoE experts as [experts, out, in] stacks unless `split_experts` (old per-expert files)."""
+    family = models.family_of(cfg)
+    if family is models.moe:
+        return family.tensor_shapes(cfg, stacked=not split_experts)
+    return family.tensor_shapes(cfg)
+
+
+def _split_experts(cfg: Any, by_name: Mapping[str, Any]) -> bool:
+    """Whether the file stores one tensor per expert (old Mixtral files: `blk.N.ffn_gate.E.weight`)
+    instead of the stacks (`blk.N.ffn_gate_exps.weight`)."""
+    sparse = getattr(cfg, "sparse", ())
+    if not any(sparse):
+        return False
+    i = sparse.index(True)
+    return f"blk.{i}.ffn_gate_exps.weight" not in by_name and f"blk.{i}.ffn_gate.0.weight" in by_name
+
+
+def gguf_tensor_names(cfg: Any, *, split_experts: bool = False) -> dict[str, str]:
+    """HF tensor name (as `expected_shapes(cfg)` lists them) -> GGUF tensor name."""
     family = models.family_of(cfg)
     kind = "gemma3" if family.__name__.endswith("gemma3") else "llama"
     prefix = getattr(cfg, "prefix", "model.")
     out = {}
-    for hf in family.tensor_shapes(cfg):
+    for hf in expected_shapes(cfg, split_experts=split_experts):
         if hf == "lm_head.weight":
             out[hf] = "output.weight"
             continue
@@ -512,7 +580,11 @@ def gguf_tensor_names(cfg: Any) -> dict[str, str]:
             out[hf] = _GLOBAL_NAMES[rest]
         elif rest is not None and rest.startswith("layers."):
             _, n, suffix = rest.split(".", 2)
-            out[hf] = f"blk.{n}.{_LAYER_NAMES[kind][suffix]}"
+            expert = _EXPERT_NAME.fullmatch(suffix)
+            if expert is not None:
+                out[hf] = f"blk.{n}.{_EXPERT_PROJ[expert.group(2)]}.{expert.group(1)}.weight"
+            else:
+                out[hf] = f"blk.{n}.{_LAYER_NAMES[kind][suffix]}"
         else:  # pragma: no cover - a family tensor this map does not know
             raise KeyError(f"no GGUF name for tensor {hf!r}")
     return out
@@ -547,10 +619,10 @@ def plan_tensors(meta: GGUFMetadata, cfg: Any, *, dequantize: bool) -> list[_Pla
     and decide how each is loaded. Nothing is read from the tensor data."""
     if meta.reader.byte_order != "I":
         raise CheckpointError(f"{meta.path}: a GGUF file of the other byte order (big-endian) is not supported")
-    family = models.family_of(cfg)
-    shapes = family.tensor_shapes(cfg)
-    names = gguf_tensor_names(cfg)
     by_name = {t.name: t for t in meta.reader.tensors}
+    split = _split_experts(cfg, by_name)
+    shapes = expected_shapes(cfg, split_experts=split)
+    names = gguf_tensor_names(cfg, split_experts=split)
     arch = meta.architecture
     missing = [(hf, g) for hf, g in names.items() if g not in by_name]
     if missing:
@@ -562,6 +634,8 @@ def plan_tensors(meta: GGUFMetadata, cfg: Any, *, dequantize: bool) -> list[_Pla
     for hf, g in names.items():
         t = by_name[g]
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        if shape != tuple(shapes[hf]) and _squeezed(shape) == _squeezed(shapes[hf]) and shape[-1] == shapes[hf][-1]:
+            shape = tuple(shapes[hf])  # the converter squeezes size-1 dims (qwen2moe's ffn_gate_inp_shexp)
         if shape != tuple(shapes[hf]):
             raise CheckpointError(f"{meta.path}: tensor {g!r} has shape {shape} (GGUF dims "
                                   f"{tuple(int(x) for x in t.shape.tolist())}), but the metadata implies "
@@ -582,11 +656,32 @@ def plan_tensors(meta: GGUFMetadata, cfg: Any, *, dequantize: bool) -> list[_Pla
         shift = 1.0 if arch == "gemma3" and g.endswith("norm.weight") else 0.0
         packed = layout.name not in _FLOAT_TYPES and len(shape) >= 2 and not dequantize and shift == 0.0
         plans.append(_Plan(hf, t, shape, layout.name, packed, rows, shift))
+    if split:
+        _check_expert_types(meta, plans)
     unused = sorted(set(by_name) - set(names.values()) - {"rope_freqs.weight"})
     if unused:
         logger.warning("ignoring %d tensors of %s that the model does not use: %s%s", len(unused), meta.path,
                        ", ".join(unused[:10]), ", ..." if len(unused) > 10 else "")
     return plans
+
+
+def _check_expert_types(meta: GGUFMetadata, plans: list[_Plan]) -> None:
+    """Per-expert tensors (`blk.N.ffn_gate.E.weight`) become one stack per layer and projection, so
+    they must share one ggml type (as llama.cpp requires to merge them)."""
+    first: dict[tuple[str, str], _Plan] = {}
+    for p in plans:
+        m = re.fullmatch(r"blk\.(\d+)\.(ffn_gate|ffn_up|ffn_down)\.\d+\.weight", p.tensor.name)
+        if m is None:
+            continue
+        seen = first.setdefault((m.group(1), m.group(2)), p)
+        if seen.ggml_type != p.ggml_type:
+            raise CheckpointError(f"{meta.path}: tensor {p.tensor.name!r} is {p.ggml_type} but {seen.tensor.name!r} is "
+                                  f"{seen.ggml_type}; the experts of one layer's projection are stacked and must "
+                                  "share one ggml type")
+
+
+def _squeezed(shape: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in shape if int(d) != 1)
 
 
 def _dequantize_on_device(w: GGUFWeight, dtype: Any, shift: float) -> jax.Array:

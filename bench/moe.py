@@ -1,0 +1,295 @@
+"""MoE expert-matmul benchmark (issue 6): the grouped Pallas kernels (pallas_kernels/moe/) against
+`jax.lax.ragged_dot` (entries sorted by expert, group sizes) and a dense all-experts product, at
+Qwen3-30B-A3B's MoE shapes (E=128, top-8, hidden 2048, ff 768, bf16), near-uniform random routing.
+
+    python bench/moe.py --out bench/results --commit $(git rev-parse --short HEAD)
+    python bench/moe.py --sweep --tokens 1 64 4096 --out bench/results     # tiles per kernel
+    python bench/moe.py --smoke --out /tmp/x                                # tiny, CPU (interpret)
+
+prefill: one MoE layer (x -> x + moe(x)) at 8, 64, 512, 4096 tokens; seconds per layer from one
+    jitted fori_loop over distinct routings (median of several runs); ratios against the grouped
+    kernels; the grouped output's error against the dense product, checked first.
+    dense:      every expert on every token as plain GEMMs over [E*F, H] views of the stacks (arranged
+                once, outside the timing), routing-weighted: E/k times the needed flops, no sorting.
+    ragged_dot: entries sorted by expert, three jax.lax.ragged_dot calls on [E, in, out] copies of
+                the stacks (transposed once, outside the timing), weighted scatter back, sum.
+decode: T = 1 and 32: the bytes of the distinct experts each step picks (3 * H * F each) per second
+    as a fraction of the copy bandwidth measured in the same run; the grouped kernels, the XLA
+    reference op (gathers the picked experts at T*k < E, else the dense path) and ragged_dot.
+    Every iteration routes differently over one layer's 1.2 GB of stacks, so weights come from HBM.
+--sweep: gate_up and down alone over (block_m, block_n, block_k, warps, stages), best per kernel
+    (each point is a Triton compile: ~72 points per token count with the default lists; narrow them
+    with --tokens / --block-m ... to stay inside a time limit; partial results are written as it goes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ferrum_jax as fj  # noqa: E402
+from ferrum_jax import moe_ops  # noqa: E402
+from ferrum_jax.bench.ceilings import device_ceilings  # noqa: E402
+from pallas_kernels import moe  # noqa: E402
+
+QWEN3_30B = dict(experts=128, top_k=8, hidden=2048, ff=768)
+SMOKE = dict(experts=8, top_k=2, hidden=64, ff=128)
+
+
+def routes(key: jax.Array, iters: int, t: int, e: int, k: int) -> tuple[jax.Array, jax.Array]:
+    """Near-uniform routing: top-k of random logits, softmax-renormalised weights; [iters, T, k] each."""
+    logits = jax.random.normal(key, (iters, t, e), jnp.float32)
+    w, ids = jax.lax.top_k(logits, k)
+    return ids.astype(jnp.int32), jax.nn.softmax(w, axis=-1)
+
+
+def stacks(key: jax.Array, e: int, h: int, f: int, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+    ks = jax.random.split(key, 3)
+    return tuple((jax.random.normal(kk, s, jnp.float32) / np.sqrt(s[2])).astype(dtype)
+                 for kk, s in zip(ks, ((e, f, h), (e, f, h), (e, h, f))))
+
+
+def dense_weights(wg, wu, wd) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The stacks as plain GEMM operands, arranged once outside the timing: [E*F, H] twice, [H, E*F]."""
+    e, f, h = wg.shape
+    return wg.reshape(e * f, h), wu.reshape(e * f, h), jnp.swapaxes(wd, 0, 1).reshape(h, e * f)
+
+
+def dense_moe(x, ids, w, wg2, wu2, wd2, *, experts: int):
+    """All experts on every token as plain GEMMs ([T, H] x [H, E*F] twice, then the routing-weighted
+    [T, E*F] x [E*F, H]), combined by the dense [T, E] routing matrix."""
+    t, e = x.shape[0], experts
+    combine = jnp.zeros((t, e), jnp.float32).at[jnp.arange(t)[:, None], ids].add(w)
+    g = jnp.einsum("th,xh->tx", x, wg2, preferred_element_type=jnp.float32).reshape(t, e, -1)
+    u = jnp.einsum("th,xh->tx", x, wu2, preferred_element_type=jnp.float32).reshape(t, e, -1)
+    a = (jax.nn.silu(g) * u * combine[:, :, None]).astype(x.dtype).reshape(t, -1)
+    return jnp.einsum("tx,hx->th", a, wd2, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def ragged_moe(x, ids, w, wg_t, wu_t, wd_t):
+    """Entries sorted by expert, jax.lax.ragged_dot per projection ([E, in, out] stacks)."""
+    t, h = x.shape
+    k, e = ids.shape[1], wg_t.shape[0]
+    flat = ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.zeros((e,), jnp.int32).at[flat].add(1)
+    xs = jnp.take(x, order // k, axis=0)
+    g = jax.lax.ragged_dot(xs, wg_t, sizes, preferred_element_type=jnp.float32)
+    u = jax.lax.ragged_dot(xs, wu_t, sizes, preferred_element_type=jnp.float32)
+    a = (jax.nn.silu(g) * u).astype(x.dtype)
+    y = jax.lax.ragged_dot(a, wd_t, sizes, preferred_element_type=jnp.float32)
+    y = y * jnp.take(w.reshape(-1), order)[:, None]
+    rows = jnp.zeros((t * k, h), jnp.float32).at[order].set(y)
+    return rows.reshape(t, k, h).sum(1).astype(x.dtype)
+
+
+def rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def _median_seconds(fn, args, reps: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile + warm up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def layer_seconds(moe_fn, x, ids, w, weights, reps: int) -> float:
+    """Seconds per MoE layer: one jitted loop over the routings, x <- x + moe(x) (a residual, as in
+    a model, so every iteration depends on the last and nothing is hoisted)."""
+    iters = ids.shape[0]
+
+    @jax.jit
+    def loop(x, ids, w, weights):
+        return jax.lax.fori_loop(0, iters, lambda i, x: x + moe_fn(x, ids[i], w[i], *weights), x)
+
+    return _median_seconds(loop, (x, ids, w, weights), reps) / iters
+
+
+def grouped_moe(x, ids, w, g, u, d):
+    """The Pallas kernels (interpret mode off the GPU), choose_config's tiles."""
+    return moe.moe_experts_pallas(x, ids, w, g, u, d, "silu", interpret=jax.default_backend() != "gpu")
+
+
+def reference_moe(x, ids, w, g, u, d):
+    """The XLA reference op (ferrum_jax.moe_ops), as the model runs it without the kernels."""
+    return moe_ops.moe_experts(x, ids, w, g, u, d, "silu", ops=fj.Ops())
+
+
+def prefill(args, shape: dict, dtype, key) -> list[dict]:
+    e, k, h, f = shape["experts"], shape["top_k"], shape["hidden"], shape["ff"]
+    wg, wu, wd = stacks(key, e, h, f, dtype)
+    transposed = tuple(jnp.swapaxes(a, 1, 2) for a in (wg, wu, wd))  # ragged_dot wants [E, in, out]
+    dense, dense_ws = partial(dense_moe, experts=e), dense_weights(wg, wu, wd)
+    rows = []
+    for t in args.tokens:
+        iters = max(2, min(args.iters, 16384 // t))
+        ids, w = routes(jax.random.fold_in(key, t), iters, t, e, k)
+        x = jax.random.normal(jax.random.fold_in(key, 5000 + t), (t, h), jnp.float32).astype(dtype)
+        want = np.asarray(jax.jit(dense)(x, ids[0], w[0], *dense_ws), np.float64)
+        got = np.asarray(jax.jit(grouped_moe)(x, ids[0], w[0], wg, wu, wd), np.float64)
+        rag = np.asarray(jax.jit(ragged_moe)(x, ids[0], w[0], *transposed), np.float64)
+        flops = 2 * t * k * 3 * h * f
+        row = dict(tokens=t, iters=iters, useful_flops=flops)
+        for name, fn, ws, e_rel in (("grouped", grouped_moe, (wg, wu, wd), rel_err(got, want)),
+                                    ("ragged_dot", ragged_moe, transposed, rel_err(rag, want)),
+                                    ("dense", dense, dense_ws, 0.0)):
+            s = layer_seconds(fn, x, ids, w, ws, args.reps)
+            row[name] = dict(seconds=s, useful_flops_per_s=flops / s, rel_err_vs_dense=e_rel)
+        for name in ("ragged_dot", "dense"):
+            row[name]["time_vs_grouped"] = row[name]["seconds"] / row["grouped"]["seconds"]
+        row["config"] = dataclasses.asdict(moe.choose_config(t * k, e, h, f))
+        rows.append(row)
+        g = row["grouped"]
+        print(f"prefill T={t:5d} grouped {g['seconds'] * 1e6:9.1f} us ({g['useful_flops_per_s'] / 1e12:6.1f} TFLOP/s, "
+              f"err vs dense {g['rel_err_vs_dense']:.1e}) | ragged_dot {row['ragged_dot']['time_vs_grouped']:5.2f}x | "
+              f"dense {row['dense']['time_vs_grouped']:5.2f}x", flush=True)
+    return rows
+
+
+def decode(args, shape: dict, dtype, key, bandwidth: float) -> list[dict]:
+    e, k, h, f = shape["experts"], shape["top_k"], shape["hidden"], shape["ff"]
+    wg, wu, wd = stacks(jax.random.fold_in(key, 7), e, h, f, dtype)
+    transposed = tuple(jnp.swapaxes(a, 1, 2) for a in (wg, wu, wd))
+    expert_bytes = 3 * h * f * jnp.dtype(dtype).itemsize
+    rows = []
+    for t in args.decode_tokens:
+        ids, w = routes(jax.random.fold_in(key, 1000 + t), args.decode_iters, t, e, k)
+        x = jax.random.normal(jax.random.fold_in(key, t), (t, h), jnp.float32).astype(dtype)
+        distinct = float(np.mean([len(np.unique(np.asarray(i))) for i in ids]))
+        active = distinct * expert_bytes
+        row = dict(tokens=t, iters=args.decode_iters, distinct_experts=distinct, active_weight_bytes=active)
+        for name, fn, ws in (("grouped", grouped_moe, (wg, wu, wd)), ("xla_reference", reference_moe, (wg, wu, wd)),
+                             ("ragged_dot", ragged_moe, transposed)):
+            s = layer_seconds(fn, x, ids, w, ws, args.reps)
+            row[name] = dict(seconds=s, active_weight_bytes=active, bytes_per_s=active / s,
+                             bw_fraction=active / s / bandwidth)
+        rows.append(row)
+        print(f"decode T={t:3d} ({distinct:5.1f} experts, {active / 1e6:7.1f} MB) "
+              + " | ".join(f"{n} {row[n]['seconds'] * 1e6:8.1f} us {row[n]['bw_fraction']:6.1%} BW"
+                           for n in ("grouped", "xla_reference", "ragged_dot")), flush=True)
+    return rows
+
+
+def kernel_seconds(call, al: moe.Alignment, reps: int) -> float:
+    """Seconds per call of call(alignment): one jitted loop over the stacked alignments `al`."""
+    iters = al.sorted_ids.shape[0]
+
+    @jax.jit
+    def loop(al):
+        body = lambda i, acc: acc + call(jax.tree.map(lambda a: a[i], al))[0, 0].astype(jnp.float32)  # noqa: E731
+        return jax.lax.fori_loop(0, iters, body, jnp.float32(0))
+
+    return _median_seconds(loop, (al,), reps) / iters
+
+
+def sweep(args, shape: dict, dtype, key) -> list[dict]:
+    """Each kernel alone per tile config, over `iters` precomputed alignments (distinct routings)."""
+    e, k, h, f = shape["experts"], shape["top_k"], shape["hidden"], shape["ff"]
+    wg, wu, wd = stacks(jax.random.fold_in(key, 9), e, h, f, dtype)
+    interpret = jax.default_backend() != "gpu"
+    rows = []
+    for t in args.tokens:
+        iters = max(2, min(args.iters, 16384 // t))
+        ids, _ = routes(jax.random.fold_in(key, 2000 + t), iters, t, e, k)
+        x = jax.random.normal(jax.random.fold_in(key, t), (t, h), jnp.float32).astype(dtype)
+        for bm in args.block_m:
+            al = jax.vmap(partial(moe.align_block_size, num_experts=e, block_m=bm))(ids)
+            p = al.sorted_ids.shape[1]
+            act = jax.random.normal(key, (p, f), jnp.float32).astype(dtype)
+            routing = jnp.ones((p,), jnp.float32)
+            kernels = {"gate_up": partial(moe.gate_up, x, w_gate=wg, w_up=wu, kind="silu", top_k=k,
+                                          interpret=interpret),
+                       "down": partial(moe.down, act, routing=routing, w_down=wd, interpret=interpret)}
+            best = {}
+            for kernel, bn, bk, nw, ns in itertools.product(kernels, args.block_n, args.block_k, args.warps,
+                                                            args.stages):
+                tiles = moe.Tiles(bn, bk, nw, ns)
+                n_out, k_in = (f, h) if kernel == "gate_up" else (h, f)
+                if moe.tiles_unsupported(tiles, n_out, k_in, kernel) is not None:
+                    continue
+                try:
+                    s = kernel_seconds(partial(kernels[kernel], tiles=tiles), al, args.reps)
+                except Exception as exc:  # noqa: BLE001  a config the compiler rejects is skipped
+                    print(f"  T={t} {kernel} bm={bm} {tiles}: {type(exc).__name__} {str(exc)[:120]}", flush=True)
+                    continue
+                flops = 2 * t * k * h * f * (2 if kernel == "gate_up" else 1)
+                rows.append({"tokens": t, "kernel": kernel, "block_m": bm, "tiles": dataclasses.asdict(tiles),
+                             "seconds": s, "useful_flops_per_s": flops / s})
+                print(f"  T={t:5d} {kernel:7s} bm={bm:3d} {tiles} {s * 1e6:9.1f} us", flush=True)
+                if kernel not in best or s < best[kernel][0]:
+                    best[kernel] = (s, tiles)
+            for kernel, (s, tiles) in best.items():
+                print(f"BEST T={t} {kernel} block_m={bm} {tiles} {s * 1e6:.1f} us", flush=True)
+            if args.out:
+                _write(args, "sweep", {"shape": shape, "points": rows})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", nargs="+", type=int, default=[8, 64, 512, 4096])
+    p.add_argument("--decode-tokens", nargs="+", type=int, default=[1, 32])
+    p.add_argument("--iters", type=int, default=32, help="routings per timed loop (fewer for large T)")
+    p.add_argument("--decode-iters", type=int, default=64)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--sweep", action="store_true", help="sweep each kernel's tiles instead")
+    p.add_argument("--block-m", nargs="+", type=int, default=[16, 64])
+    p.add_argument("--block-n", nargs="+", type=int, default=[32, 64, 128])
+    p.add_argument("--block-k", nargs="+", type=int, default=[64, 128, 256])
+    p.add_argument("--warps", nargs="+", type=int, default=[4, 8])
+    p.add_argument("--stages", nargs="+", type=int, default=[3])
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, float32, few reps (CPU check of the script)")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
+                   help="directory of the JSON file (default bench/results)")
+    p.add_argument("--commit", default=None)
+    args = p.parse_args()
+    shape, dtype = (SMOKE, jnp.float32) if args.smoke else (QWEN3_30B, jnp.bfloat16)
+    if args.smoke:
+        args.tokens, args.decode_tokens = [17], [1]
+        args.iters, args.decode_iters, args.reps = 2, 2, 1
+        args.block_m, args.block_n, args.block_k, args.warps, args.stages = [16], [32], [64], [4], [3]
+    key = jax.random.PRNGKey(0)
+    mode = "sweep" if args.sweep else "bench"
+    if args.sweep:
+        result = dict(shape=shape, points=sweep(args, shape, dtype, key))
+    else:
+        small = dict(copy_bytes=1 << 20, matmul_n=64, reps=2) if args.smoke else {}
+        ceil = device_ceilings(**small)
+        bw = ceil["copy_bandwidth_bytes_per_s"]
+        peak = ceil["matmul_bf16_flops_per_s"]
+        print(f"copy {bw / 1e12:.3f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s", flush=True)
+        result = dict(shape=shape, dtype=jnp.dtype(dtype).name, ceilings=ceil,
+                      prefill=prefill(args, shape, dtype, key), decode=decode(args, shape, dtype, key, bw))
+    if args.out:
+        print(f"wrote {_write(args, mode, result)}")
+
+
+def _write(args, mode: str, result: dict) -> Path:
+    dev = jax.devices()[0]
+    record = dict(mode=mode, device=dict(kind=dev.device_kind, platform=dev.platform), jax=jax.__version__,
+                  commit=args.commit, smoke=args.smoke, **result)
+    tag = "_smoke" if args.smoke else ""
+    path = Path(args.out) / f"moe_{mode}{tag}_{dev.device_kind.replace(' ', '-')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""GPU kernel registrations for decode-shaped attention (one query token per sequence).
+
+`decode_attention` (contiguous cache) -> `pallas_decode` (pallas_kernels/attention/decode.py),
+`paged_attention` (paged cache, q_len 1) -> `pallas_paged_decode` (.../paged_decode.py): both
+flash-decoding kernels (the visible slots split over many programs, partials merged by a small
+log-sum-exp), reading int8 / fp8 caches as codes. Each declines, with the reason, what it cannot
+take (prefill-shaped queries, head_dim not a power of two in [16, 256], mixed dtypes, ...), and the
+XLA reference runs instead. Launch configs are the kernels' defaults (`choose_config`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from ferrum_jax import ops as _ops  # noqa: F401  registers the references first (register() keeps them last)
+from ferrum_jax.backend import Impl, register
+from pallas_kernels.attention import decode, paged_decode
+
+# Triton's pointer arithmetic is 32-bit: every array the kernel indexes must have fewer elements.
+MAX_ELEMENTS = 2**31 - 1
+
+
+def _too_large(*arrays: Any) -> str | None:
+    for a in arrays:
+        if a is not None and a.size > MAX_ELEMENTS:
+            return f"an array of {a.size} elements (32-bit indexing)"
+    return None
+
+
+def pallas_decode(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, *, scale: float,
+                  window: int | None = None, softcap: float | None = None, k_scale: jax.Array | None = None,
+                  v_scale: jax.Array | None = None) -> jax.Array:
+    return decode.decode_attention(q, k, v, q_positions, scale=scale, window=window, softcap=softcap,
+                                   k_scale=k_scale, v_scale=v_scale)
+
+
+def _decode_applies(q: Any, k: Any, v: Any, q_positions: Any, *, scale: float, window: int | None = None,
+                    softcap: float | None = None, k_scale: Any = None, v_scale: Any = None) -> str | None:
+    return decode.unsupported(q, k, v, q_positions, k_scale, v_scale) or _too_large(q, k, v)
+
+
+def pallas_paged_decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
+                        q_positions: jax.Array, *, scale: float, window: int | None = None,
+                        softcap: float | None = None, k_scale: jax.Array | None = None,
+                        v_scale: jax.Array | None = None) -> jax.Array:
+    return paged_decode.paged_decode_attention(q, k_pages, v_pages, page_table, q_positions, scale=scale,
+                                               window=window, softcap=softcap, k_scale=k_scale, v_scale=v_scale)
+
+
+def _paged_applies(q: Any, k_pages: Any, v_pages: Any, page_table: Any, q_positions: Any, *, scale: float,
+                   window: int | None = None, softcap: float | None = None, k_scale: Any = None,
+                   v_scale: Any = None) -> str | None:
+    if q.ndim == 4 and q.shape[1] != 1:
+        return f"q_len {q.shape[1]} != 1 (a decode kernel)"
+    return (paged_decode.unsupported(q, k_pages, v_pages, page_table, q_positions, k_scale, v_scale)
+            or _too_large(q, k_pages, v_pages))
+
+
+register("decode_attention", Impl("pallas_decode", pallas_decode, platforms=frozenset({"gpu"}),
+                                  applies=_decode_applies))
+register("paged_attention", Impl("pallas_paged_decode", pallas_paged_decode, platforms=frozenset({"gpu"}),
+                                 applies=_paged_applies))

@@ -1,0 +1,1 @@
+"""Attention kernels (Pallas, Triton lowering), one per file with its pure-jnp reference beside it."""

@@ -1,0 +1,153 @@
+"""Mixture-of-experts on GPU: routing alignment and grouped expert matmuls (Pallas, Triton lowering).
+
+    align.py           (token, slot) entries sorted by expert, padded per expert to block_m (jnp)
+    grouped_matmul.py  gate+up with the activation epilogue, down with the routing weight in the
+                       epilogue: one pallas_call each over (aligned blocks, output tiles)
+
+`moe_experts_pallas` has the signature and semantics of `ferrum_jax.moe_ops.moe_experts` (the XLA
+reference and oracle), including `expert_offset` for expert parallel; `ferrum_jax/moe_kernels.py`
+registers it. A layer is: align (a sort of T*k int32 keys), gate_up, down, then a gather of each
+(token, slot) row and a float32 sum over the k slots in jnp. The intermediate act and the
+per-slot rows are stored in x's dtype (as vLLM does; half the bytes of float32 rows at prefill),
+so with bf16 each slot's row is rounded once before the sum; the reference keeps them float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.moe.align import Alignment, align_block_size, max_blocks
+from pallas_kernels.moe.grouped_matmul import (
+    KERNEL_ACTIVATIONS,
+    Tiles,
+    down,
+    down_reference,
+    gate_up,
+    gate_up_reference,
+    tiles_unsupported,
+)
+
+__all__ = ["KERNEL_ACTIVATIONS", "Alignment", "MoeConfig", "Tiles", "align_block_size", "choose_config", "down",
+           "down_reference", "gate_up", "gate_up_reference", "max_blocks", "moe_experts_pallas", "unsupported"]
+
+DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+    """block_m: entries per block (the alignment's padding unit, rows of every dot); the tiles of
+    the gate+up and the down kernels."""
+    block_m: int = 16
+    gate_up: Tiles = Tiles()
+    down: Tiles = Tiles()
+
+
+def _fit(dim: int, want: int) -> int:
+    """The largest power of two <= want (and >= 16) dividing dim, else want (unsupported says why)."""
+    v = want
+    while v >= 16:
+        if dim % v == 0:
+            return v
+        v //= 2
+    return want
+
+
+def choose_config(num_entries: int, num_experts: int, hidden: int, ff: int) -> MoeConfig:
+    """Defaults by the mean entries per expert (T*k / E): block_m 16 for decode and small batches
+    (one block per expert), larger blocks when experts get many rows (fewer re-reads of each weight
+    tile). Starting points for the GPU sweep in bench/moe.py, not yet measured values."""
+    per_expert = num_entries / num_experts
+    block_m = 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64
+    if block_m == 16:  # weight-bandwidth bound: narrow tiles for more programs, long K steps
+        gu, dn = Tiles(32, 128, 4, 4), Tiles(32, 128, 4, 4)
+    else:
+        gu, dn = Tiles(64, 64, 4, 3), Tiles(64, 64, 4, 3)
+    gu = dataclasses.replace(gu, block_n=_fit(ff, gu.block_n), block_k=_fit(hidden, gu.block_k))
+    dn = dataclasses.replace(dn, block_n=_fit(hidden, dn.block_n), block_k=_fit(ff, dn.block_k))
+    return MoeConfig(block_m=block_m, gate_up=gu, down=dn)
+
+
+def _shapes(x, ids, w_gate, w_up, w_down) -> tuple[int, int, int, int, int] | str:
+    """(entries, experts, hidden, ff, top_k), or why the shapes do not fit together."""
+    h = x.shape[-1]
+    if w_gate.ndim != 3 or w_down.ndim != 3:
+        return f"expert stacks must be [E, out, in], got gate {w_gate.shape}, down {w_down.shape}"
+    e = w_gate.shape[0]
+    f = w_gate.shape[1] // 2 if w_up is None else w_gate.shape[1]
+    if w_gate.shape[2] != h or w_down.shape != (e, h, f) or (w_up is not None and w_up.shape != w_gate.shape):
+        return (f"expert stacks gate {w_gate.shape}, up {None if w_up is None else w_up.shape}, down {w_down.shape} "
+                f"do not fit hidden {h}")
+    if ids.shape[:-1] != x.shape[:-1]:
+        return f"ids {ids.shape} do not match x {x.shape}"
+    k = ids.shape[-1]
+    return math.prod(ids.shape), e, h, f, k
+
+
+def unsupported(x, ids, weights, w_gate, w_up, w_down, kind: str, config: MoeConfig | None = None) -> str | None:
+    """None if the kernels take these arguments, else why not."""
+    ws = (w_gate, w_down) if w_up is None else (w_gate, w_up, w_down)
+    bad = [type(w).__name__ for w in ws if not isinstance(w, jax.Array)]
+    if bad:
+        return f"expert weights are {', '.join(bad)}, not dense arrays"
+    if kind not in KERNEL_ACTIVATIONS:
+        return f"activation {kind!r} not in the kernel epilogue's {sorted(KERNEL_ACTIVATIONS)}"
+    if x.dtype not in DTYPES:
+        return f"x is {x.dtype}, not bfloat16/float16/float32"
+    if any(w.dtype not in DTYPES for w in ws):
+        return f"expert weights are {', '.join(str(w.dtype) for w in ws)}, not bfloat16/float16/float32"
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        return f"ids are {ids.dtype}, not integers"
+    shapes = _shapes(x, ids, w_gate, w_up, w_down)
+    if isinstance(shapes, str):
+        return shapes
+    nk, e, h, f, _ = shapes
+    if nk == 0:
+        return "no tokens"
+    cfg = config or choose_config(nk, e, h, f)
+    bm = cfg.block_m
+    if bm < 16 or bm & (bm - 1):
+        return f"block_m {bm} is not a power of two >= 16"
+    return tiles_unsupported(cfg.gate_up, f, h, "gate_up") or tiles_unsupported(cfg.down, h, f, "down")
+
+
+def moe_experts_pallas(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate: jax.Array, w_up: jax.Array | None,
+                       w_down: jax.Array, kind: str, *, expert_offset: int | jax.Array = 0, ops=None,
+                       config: MoeConfig | None = None, interpret: bool = False) -> jax.Array:
+    """`ferrum_jax.moe_ops.moe_experts` on the grouped kernels: x [..., H], ids / weights [..., k],
+    stacks [E, F, H] (w_up None: gate is [E, 2F, H]) and [E, H, F], experts
+    [expert_offset, expert_offset + E) local. `ops` is accepted for the op signature and unused;
+    `config` defaults to `choose_config`."""
+    del ops
+    reason = unsupported(x, ids, weights, w_gate, w_up, w_down, kind, config)
+    if reason is not None:
+        raise ValueError(f"moe_experts_pallas: {reason}")
+    if weights.shape != ids.shape:
+        raise ValueError(f"moe_experts_pallas: weights {weights.shape} and ids {ids.shape} differ")
+    nk, e, h, f, _ = _shapes(x, ids, w_gate, w_up, w_down)
+    cfg = config or choose_config(nk, e, h, f)
+    return _moe_experts(x, ids, weights, w_gate, w_up, w_down, jnp.asarray(expert_offset, jnp.int32), kind=kind,
+                        config=cfg, interpret=interpret)
+
+
+@partial(jax.jit, static_argnames=("kind", "config", "interpret"))
+def _moe_experts(x, ids, weights, w_gate, w_up, w_down, expert_offset, *, kind: str, config: MoeConfig,
+                 interpret: bool) -> jax.Array:
+    shape, h, k = x.shape, x.shape[-1], ids.shape[-1]
+    xs = x.reshape(-1, h)
+    n = xs.shape[0]
+    align = align_block_size(ids.reshape(n, k), num_experts=w_gate.shape[0], block_m=config.block_m,
+                             expert_offset=expert_offset)
+    flat_w = weights.reshape(n * k).astype(jnp.float32)
+    is_entry = align.sorted_ids < n * k
+    routing = jnp.where(is_entry, jnp.take(flat_w, jnp.minimum(align.sorted_ids, n * k - 1)), 0.0)
+    act = gate_up(xs, align, w_gate, w_up, kind, top_k=k, tiles=config.gate_up, interpret=interpret)
+    y = down(act, align, routing, w_down, tiles=config.down, interpret=interpret)
+    # Each (token, slot) row back from its sorted position; slots of other shards have none (zero).
+    rows = jnp.take(y, align.positions, axis=0, mode="fill", fill_value=0)
+    out = jnp.sum(rows.reshape(n, k, h).astype(jnp.float32), axis=1)
+    return out.astype(x.dtype).reshape(shape)

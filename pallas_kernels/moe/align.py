@@ -1,0 +1,101 @@
+"""Routing alignment (vLLM's moe_align_block_size) in jnp, static shapes, no host sync.
+
+The top-k expert ids [T, k] of a batch become a list of "entries" (entry = token * k + slot)
+sorted by expert, each expert's run padded with a sentinel to a multiple of `block_m`, so that
+every block of `block_m` consecutive entries belongs to one expert: the grouped matmul runs one
+program per (block, output tile) and loads exactly one expert's weight tile per program.
+
+    sorted_ids       int32 [max_blocks * block_m]  entries grouped by expert; padding = T * k
+    positions        int32 [T * k]   where each entry sits in sorted_ids; max_blocks * block_m
+                                     (out of range) for an entry routed outside the local experts
+    expert_of_block  int32 [max_blocks]  the local expert of each block (clipped into range for
+                                     the blocks past num_valid_blocks, which the kernels skip)
+    num_valid_blocks int32 [1]
+
+Static sizes: at most min(E, T*k) experts are non-empty and each pads by at most block_m - 1, so
+max_blocks = (T*k + min(E, T*k) * (block_m - 1)) // block_m. At decode (T*k <= E) that is T*k
+blocks, one per selected expert when the picks are distinct: the grid has no programs for experts
+nobody picked, and each picked expert's weights are read by one block.
+
+Expert parallel: only ids in [expert_offset, expert_offset + E) are kept (the local stack holds
+those E experts); the others get no position, so they contribute zero, as in the reference.
+
+Routing itself (softmax over E router logits, top k, renormalise) stays in jnp
+(`ferrum_jax.moe_ops.moe_route`): it is [T, E] elementwise work plus a top-k over E = 128 values
+per token, microseconds next to the expert matmuls (a decode step streams ~75 MB of expert
+weights per Qwen3-30B-A3B layer; the router logits are 512 bytes a token). XLA already fuses
+the softmax; a fused kernel would save one tiny launch, not bandwidth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+# Sorting one packed int32 key (expert * entries + entry) needs (E + 1) * entries below this.
+PACKED_SORT_LIMIT = 2**31
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Alignment:
+    sorted_ids: jax.Array  # int32 [max_blocks * block_m]
+    positions: jax.Array  # int32 [num_entries]
+    expert_of_block: jax.Array  # int32 [max_blocks]
+    num_valid_blocks: jax.Array  # int32 [1]
+    block_m: int = dataclasses.field(metadata=dict(static=True), default=16)
+    num_entries: int = dataclasses.field(metadata=dict(static=True), default=0)  # T * k, also the sentinel
+
+    @property
+    def max_blocks(self) -> int:
+        return self.expert_of_block.shape[0]
+
+
+def max_blocks(num_entries: int, num_experts: int, block_m: int) -> int:
+    """The static bound on the number of blocks (see the module docstring)."""
+    return (num_entries + min(num_experts, num_entries) * (block_m - 1)) // block_m
+
+
+def align_block_size(ids: jax.Array, *, num_experts: int, block_m: int,
+                     expert_offset: int | jax.Array = 0) -> Alignment:
+    """Group the (token, slot) entries of ids [T, k] (or any shape: entries are its flat order) by
+    local expert, each expert's run padded to a multiple of block_m. See the module docstring."""
+    if block_m < 1:
+        raise ValueError(f"align_block_size: block_m must be positive, got {block_m}")
+    if num_experts < 1:
+        raise ValueError(f"align_block_size: num_experts must be positive, got {num_experts}")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"align_block_size: ids must be integers, got {ids.dtype}")
+    e, nk = num_experts, ids.size
+    if nk == 0:
+        raise ValueError("align_block_size: no entries (ids is empty)")
+    nb = max_blocks(nk, e, block_m)
+    padded_len = nb * block_m
+
+    local = ids.reshape(nk).astype(jnp.int32) - jnp.asarray(expert_offset, jnp.int32)
+    key = jnp.where((local >= 0) & (local < e), local, e)  # e: not on this shard, sorted last
+    counts = jnp.zeros((e + 1,), jnp.int32).at[key].add(1)[:e]
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_start = jnp.cumsum(padded) - padded  # exclusive prefix sums
+    start = jnp.cumsum(counts) - counts
+
+    # Sort entries by expert, stable in the entry index. One int32 key (expert * nk + entry) sorts
+    # faster than a two-operand stable sort; fall back when that key could overflow.
+    entry = jnp.arange(nk, dtype=jnp.int32)
+    if (e + 1) * nk < PACKED_SORT_LIMIT:
+        packed = jnp.sort(key * nk + entry)
+        sorted_key, order = packed // nk, packed % nk
+    else:
+        sorted_key, order = jax.lax.sort((key, entry), num_keys=1, is_stable=True)
+    home = jnp.minimum(sorted_key, e - 1)
+    dest = jnp.where(sorted_key < e, padded_start[home] + entry - start[home], padded_len)
+
+    sorted_ids = jnp.full((padded_len,), nk, jnp.int32).at[dest].set(order, mode="drop")
+    positions = jnp.zeros((nk,), jnp.int32).at[order].set(dest)
+    block_end = jnp.cumsum(padded // block_m)  # blocks of experts 0..e, inclusive
+    blocks = jnp.arange(nb, dtype=jnp.int32)
+    expert_of_block = jnp.minimum(jnp.sum(block_end[None, :] <= blocks[:, None], axis=1, dtype=jnp.int32), e - 1)
+    return Alignment(sorted_ids=sorted_ids, positions=positions, expert_of_block=expert_of_block,
+                     num_valid_blocks=block_end[-1:], block_m=block_m, num_entries=nk)
