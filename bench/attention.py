@@ -62,6 +62,20 @@ def loop_seconds(fn, args, n: int = 20, reps: int = 5) -> float:
     return median_seconds(jax.jit(run), args, reps=reps, inner=1) / n
 
 
+STREAM_BYTES = 4 << 30  # distinct K/V bytes per timed decode program: >= 80x the H200 L2, ~1 ms of work
+
+
+def copies_seconds(fn, arg_sets: list[tuple]) -> float:
+    """Seconds per call of fn, from one program calling it once on each of several distinct input
+    sets (caches adding up to >= 8x the L2, so the figure is an HBM figure; no host sync between calls)."""
+    prog = jax.jit(lambda sets: [fn(*a) for a in sets])
+    return median_seconds(prog, (arg_sets,), reps=7, inner=3) / len(arg_sets)
+
+
+def copies_for(nbytes: int) -> int:
+    return max(2, -(-STREAM_BYTES // nbytes))
+
+
 # --- inputs ----------------------------------------------------------------------------------------
 
 def prefill_inputs(t: int, batch: int = 1, head_dim: int = HEAD_DIM, dtype=jnp.bfloat16, seed: int = 0):
@@ -219,18 +233,19 @@ def decode_point(batch: int, context: int, kv_dtype, cfg: dict, paged_cfg: dict 
     name = "bf16" if kv_dtype is None else jnp.dtype(kv_dtype).name
     nbytes = kv_bytes(batch, context, kv_dtype)
     row = {"kind": "decode", "batch": batch, "context": context, "kv_dtype": name, "kv_bytes": nbytes, "config": cfg}
-    q, k, v, pos, sc = decode_inputs(batch, context, kv_dtype)
-    row["contiguous_seconds"] = loop_seconds(decode_call(cfg), (q, k, v, pos, sc))
+    sets = [decode_inputs(batch, context, kv_dtype, seed=i) for i in range(copies_for(nbytes))]
+    row["copies"] = len(sets)
+    row["contiguous_seconds"] = copies_seconds(decode_call(cfg), sets)
     row["contiguous_fraction_of_copy_bw"] = nbytes / row["contiguous_seconds"] / bw
     if with_xla:
-        row["xla_seconds"] = loop_seconds(xla_decode, (q, k, v, pos, sc), n=5)
+        row["xla_seconds"] = copies_seconds(xla_decode, sets)
         row["xla_fraction_of_copy_bw"] = nbytes / row["xla_seconds"] / bw
-    del q, k, v, sc
+    del sets
     if paged_cfg is not None:
-        qp, pk, pv, table, pos, psc = paged_inputs(batch, context, kv_dtype)
+        sets = [paged_inputs(batch, context, kv_dtype, seed=i) for i in range(copies_for(nbytes))]
         row["paged_config"] = paged_cfg
         row["page_size"] = PAGE_SIZE
-        row["paged_seconds"] = loop_seconds(paged_call(paged_cfg), (qp, pk, pv, table, pos, psc))
+        row["paged_seconds"] = copies_seconds(paged_call(paged_cfg), sets)
         row["paged_fraction_of_copy_bw"] = nbytes / row["paged_seconds"] / bw
         row["paged_over_contiguous_time"] = row["paged_seconds"] / row["contiguous_seconds"]
     return row
@@ -252,7 +267,8 @@ def sweep(args) -> list[dict]:
             else:
                 b, s = args.point or (1, 32768)
                 paged = cfg if args.kernel == "paged" else None
-                row = decode_point(b, s, None, {} if paged else cfg, paged, bw)
+                kvd = {"bf16": None, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[args.kv_dtype]
+                row = decode_point(b, s, kvd, {} if paged else cfg, paged, bw)
         except Exception as e:  # a config the compiler refuses: report and go on
             print(f"sweep {args.kernel} {cfg}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
@@ -272,15 +288,15 @@ def profile(args) -> None:
     b, s = args.point or (1, 32768)
     bw = device_ceilings(reps=5)["copy_bandwidth_bytes_per_s"]
     kvd = {"bf16": None, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[args.kv_dtype]
-    q, k, v, pos, sc = decode_inputs(b, s, kvd)
-    n, cfg = 20, json.loads(args.decode_config)
-    seconds = loop_seconds(decode_call(cfg), (q, k, v, pos, sc), n=n)
-    run = jax.jit(lambda q, *rest: jax.lax.fori_loop(
-        0, n, lambda _, q: q + (decode_call(cfg)(q, *rest) * 1e-30).astype(q.dtype), q))
-    jax.block_until_ready(run(q, k, v, pos, sc))
+    nbytes, cfg = kv_bytes(b, s, kvd), json.loads(args.decode_config)
+    sets = [decode_inputs(b, s, kvd, seed=i) for i in range(copies_for(nbytes))]
+    n = len(sets)
+    seconds = copies_seconds(decode_call(cfg), sets)
+    run = jax.jit(lambda sets: [decode_call(cfg)(*a) for a in sets])
+    jax.block_until_ready(run(sets))
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
-            jax.block_until_ready(run(q, k, v, pos, sc))
+            jax.block_until_ready(run(sets))
         trace = json.loads(gzip.open(next(Path(d).rglob("*.trace.json.gz"))).read())["traceEvents"]
     gpu = {e["pid"] for e in trace if e.get("ph") == "M" and e.get("name") == "process_name"
            and "gpu" in e["args"]["name"].lower()}
@@ -288,7 +304,6 @@ def profile(args) -> None:
     for e in trace:
         if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e:
             per[re.sub(r"[._]\d+$", "", re.sub(r"\(.*", "", e["name"]))[:60]] += e["dur"] * 1e-6 / n
-    nbytes = kv_bytes(b, s, kvd)
     print(f"decode B={b} S={s} {args.kv_dtype} {cfg}: op {seconds * 1e6:.1f} us/call = {nbytes / seconds / bw:.1%} of copy BW")
     for name, t in per.most_common(8):
         print(f"  {name:60s} {t * 1e6:8.1f} us/call  ({nbytes / t / bw:.1%} of copy BW if alone)")
@@ -330,7 +345,7 @@ def main() -> None:
     p.add_argument("--flash-config", default="{}", help="JSON keyword arguments for flash_attention")
     p.add_argument("--decode-config", default="{}", help="JSON keyword arguments for decode_attention")
     p.add_argument("--paged-config", default="{}", help="JSON keyword arguments for paged_decode_attention")
-    p.add_argument("--kv-dtype", choices=("bf16", "int8", "fp8"), default="bf16", help="profile: cache dtype")
+    p.add_argument("--kv-dtype", choices=("bf16", "int8", "fp8"), default="bf16", help="profile, sweep: cache dtype")
     p.add_argument("--paged-quantized", action="store_true", help="also time paged int8/fp8 caches")
     p.add_argument("--out", help="folder for the JSON result")
     p.add_argument("--commit", default="unknown")

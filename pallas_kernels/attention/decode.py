@@ -65,8 +65,10 @@ def _pow2_floor(n: int) -> int:
 
 
 def default_block(head_dim: int, itemsize: int, slots: int) -> int:
-    """Slots per tile: TILE_BYTES of K, a power of two in [16, 256], no larger than the cache."""
-    bk = _pow2_floor(TILE_BYTES // (head_dim * itemsize))
+    """Slots per tile: TILE_BYTES of a 2-byte K (1-byte codes keep the same slots: converting a
+    256-slot int8 tile is instruction-bound, 0.25 vs 0.61 of the copy bandwidth measured on an
+    H200 at batch 64 / 4k), a power of two in [16, 256], no larger than the cache."""
+    bk = _pow2_floor(TILE_BYTES // (head_dim * max(itemsize, 2)))
     bk = min(bk, 256, max(MIN_BLOCK, 1 << (max(slots, 1) - 1).bit_length()))
     return max(bk, MIN_BLOCK)
 
@@ -306,7 +308,13 @@ def choose_config(batch: int, kv_heads: int, slots: int, head_dim: int, cache_dt
     splits = num_splits or default_splits(batch, kv_heads, slots, bk)
     if splits < 1:
         raise ValueError(f"decode_attention: num_splits {splits} < 1")
-    return DecodeConfig(block_k=bk, num_splits=splits, num_warps=num_warps or 4, num_stages=num_stages or 2)
+    return DecodeConfig(block_k=bk, num_splits=splits, num_warps=num_warps or 4,
+                        num_stages=num_stages or default_stages(cache_dtype))
+
+
+def default_stages(cache_dtype) -> int:
+    """2 for 2-byte caches, 3 for 1-byte codes (measured best on an H200: bench/results/attention_*)."""
+    return 3 if jnp.dtype(cache_dtype).itemsize == 1 else 2
 
 
 def reference(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, *, scale: float,

@@ -33,6 +33,7 @@ from pallas_kernels.attention.decode import (
     check_inputs,
     combine,
     default_block,
+    default_stages,
     default_splits,
     group_queries,
     init_state,
@@ -78,7 +79,8 @@ def choose_config(batch: int, kv_heads: int, pages_per_seq: int, page_size: int,
     splits = num_splits or default_splits(batch, kv_heads, slots, bk)
     if splits < 1:
         raise ValueError(f"paged_decode_attention: num_splits {splits} < 1")
-    return DecodeConfig(block_k=bk, num_splits=splits, num_warps=num_warps or 4, num_stages=num_stages or 2)
+    return DecodeConfig(block_k=bk, num_splits=splits, num_warps=num_warps or 4,
+                        num_stages=num_stages or default_stages(cache_dtype))
 
 
 def _paged_kernel(pos_ref, pt_ref, q_ref, k_ref, v_ref, *rest, scale, window, softcap, step, page_size, splits,
