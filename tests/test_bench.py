@@ -213,5 +213,165 @@ def test_quantized_decode_runs(tiny_q4_k):
     assert rec["dispatch"]["linear"] == "xla_qweight" and np.isfinite(rec["tokens_per_second"])
 
 
+# ---- mixture of experts ------------------------------------------------------------------------
+
+MOE_TINY = TINY | {"shape": "qwen3-moe-tiny", "batches": (1, 4), "contexts": (32,), "prefill": (16,), "runs": 1}
+
+
+def _moe_stacks(weights):
+    from models.moe import Moe
+
+    return [w for layer in weights.layers if isinstance(layer.mlp, Moe) for w in (layer.mlp.gate, layer.mlp.up,
+                                                                               layer.mlp.down)]
+
+
+@pytest.fixture(scope="module")
+def moe_sweep(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench_moe")
+    result = bench.run_bench(bench.BenchConfig(**MOE_TINY, out=str(tmp)), log=lambda msg: None)
+    return result, tmp
+
+
+def test_moe_shape_configs():
+    big = shape_config("qwen3-30b-a3b")
+    assert (big.num_experts, big.top_k, big.moe_intermediate_size, big.num_layers) == (128, 8, 768, 48)
+    assert all(big.sparse) and big.norm_topk_prob and big.qk_norm and not big.tie_word_embeddings
+    assert (big.num_heads, big.num_kv_heads, big.head_dim) == (32, 4, 128)
+    # Abstract weights (nothing drawn): ~30.5 G params, ~3.0 G active per token; 61 GB in bf16.
+    w = jax.eval_shape(lambda: ferrum_jax.shapes.random_weights(big, jnp.bfloat16))
+    ws = bench.weight_stats(w, big, (1, 8))
+    assert ws["bytes"] == bench.estimate_weight_bytes(big, "bf16") == 2 * ws["params"]
+    assert 30.4e9 < ws["params"] < 30.6e9 and 3.0e9 < ws["matmul_params_per_token"] + ws["lm_head_params"] < 3.1e9
+    assert all(s.shape == (128, 768, 2048) or s.shape == (128, 2048, 768) for s in _moe_stacks(w))
+    tiny = shape_config("qwen3-moe-tiny")
+    assert (tiny.num_experts, tiny.top_k, tiny.sparse) == (8, 2, (False, True, True))
+
+
+def test_moe_sweep_counts_the_active_experts(moe_sweep):
+    result, tmp = moe_sweep
+    data = json.loads((tmp / "qwen3-moe-tiny_f32_cpu.json").read_text())
+    cfg = shape_config("qwen3-moe-tiny")
+    ws = data["weights"]
+    moe = ws["moe"]
+    e, k = 8, 2
+    assert (moe["num_experts"], moe["top_k"], moe["moe_layers"]) == (e, k, 2)
+    assert set(ws["bytes_read_per_decode_step"]) == {"1", "4"}
+    assert moe["expected_distinct_experts_per_layer"] == {"1": 2.0, "4": 8 * (1 - 0.75 ** 4)}
+    # Active parameters: the non-expert 2-D layer weights (attention, routers, layer 0's dense MLP) + k experts.
+    h, f, ff = cfg.hidden_size, cfg.moe_intermediate_size, cfg.intermediate_size
+    attn = h * cfg.num_heads * cfg.head_dim * 2 + h * cfg.num_kv_heads * cfg.head_dim * 2
+    expected = 3 * attn + 3 * h * ff + 2 * (e * h + k * 3 * h * f)
+    assert ws["matmul_params_per_token"] == expected
+    assert ws["matmul_params_per_token_all_experts"] == expected + 2 * (e - k) * 3 * h * f
+    ok = [r for r in data["decode"] if r["status"] == "ok"]
+    assert [r["batch"] for r in ok] == [1, 4]
+    for r in ok:
+        b = r["batch"]
+        assert r["weight_bytes_per_step"] == ws["bytes_read_per_decode_step"][str(b)]
+        assert r["weight_bytes_per_step"] == bench.decode_weight_bytes(ws, b)
+        non_expert = moe["non_expert_bytes_read_per_decode_step"]
+        assert r["active_expert_bytes_per_step"] == r["weight_bytes_per_step"] - non_expert
+        assert r["expected_distinct_experts_per_layer"] == moe["expected_distinct_experts_per_layer"][str(b)]
+        assert r["bytes_per_step"] == r["weight_bytes_per_step"] + r["kv_bytes_per_step"]
+        assert r["bandwidth_fraction"] == pytest.approx(
+            r["bytes_per_step"] / r["seconds_per_step"] / data["ceilings"]["copy_bandwidth_bytes_per_s"])
+        assert r["flops_per_step"] == b * bench.decode_flops_per_token(cfg, ws, 32)
+        assert r["steps_done_min"] == 4 and r["compiles_during_timing"] == 0
+        assert r["dispatch"]["moe_experts"] and r["dispatch"]["moe_route"]
+    all_experts = ws["bytes_read_per_decode_step_all_experts"]
+    assert ok[0]["weight_bytes_per_step"] < ok[1]["weight_bytes_per_step"] < all_experts
+    assert data["prefill"][0]["flops"] == bench.prefill_flops(cfg, ws, 16)
+    assert "expected distinct experts under uniform routing" in moe["note"]
+    assert "expected distinct experts under uniform routing" in data["decode_weight_bytes_note"]
+    assert any(n.startswith("MoE (8 experts, top 2") for n in data["notes"])
+    table = bench.format_table(result)
+    assert "MoE weights read b=4" in table and "expected distinct experts under uniform routing" in table
+
+
+@pytest.mark.parametrize("e, k, b", [(8, 2, 1), (8, 2, 4), (128, 8, 8), (128, 8, 32), (60, 4, 16)])
+def test_expected_distinct_experts_matches_monte_carlo(e, k, b):
+    rng = np.random.default_rng(e * 1000 + b)
+    trials = 4000
+    picks = np.argpartition(rng.random((trials, b, e)), k, axis=-1)[..., :k]  # k distinct experts per token
+    hit = np.zeros((trials, e), bool)
+    hit[np.arange(trials)[:, None], picks.reshape(trials, -1)] = True
+    counts = hit.sum(axis=1)
+    expected = float(bench.expected_distinct_experts(e, k, b))
+    assert abs(counts.mean() - expected) < 4 * counts.std() / np.sqrt(trials) + 1e-9
+    assert bench.expected_distinct_experts(e, k, 1) == k
+    assert k <= expected <= min(e, b * k)
+
+
+def test_moe_active_bytes_at_batch_1_are_exactly_k_of_e_experts():
+    cfg = shape_config("qwen3-moe-tiny")
+    for weights in (ferrum_jax.shapes.random_weights(cfg, jnp.float32),
+                    bench.random_quantized_weights(cfg, "Q8_0", jnp.float32)[0]):
+        ws = bench.weight_stats(weights, cfg, (1, 2, 64))
+        stacks = _moe_stacks(weights)
+        assert len(stacks) == 6 and all(len(s.shape) == 3 and s.shape[0] == 8 for s in stacks)
+        expert = sum(int(s.nbytes) for s in stacks)
+        non_expert = ws["bytes"] - ws["embedding_bytes_not_read"] - expert
+        assert ws["moe"]["expert_bytes"] == expert
+        assert ws["moe"]["non_expert_bytes_read_per_decode_step"] == non_expert
+        assert ws["bytes_read_per_decode_step"]["1"] == non_expert + expert * 2 // 8 == bench.decode_weight_bytes(ws, 1)
+        assert expert * 2 % 8 == 0
+        assert ws["bytes_read_per_decode_step"]["2"] == non_expert + round(expert * 3.5 / 8)
+        assert ws["bytes_read_per_decode_step"]["64"] <= ws["bytes_read_per_decode_step_all_experts"]
+    with pytest.raises(ferrum_jax.FerrumError, match="config"):
+        bench.weight_stats(weights)  # MoE without its config: top_k unknown
+
+
+def test_moe_quantized_random_weights_decode():
+    """Packed GGUF expert stacks drawn whole ([experts, out, in], routers dense), through the decode."""
+    cfg = shape_config("qwen3-moe-tiny")
+    weights, types = bench.random_quantized_weights(cfg, "Q4_K", jnp.float32)
+    # Rows of 64 / 32 are not whole Q4_K blocks: Q8_0; each stack counts once; 2 routers stay dense.
+    assert types == {"Q8_0": 2 + 4 * 3 + 3 + 3 * 2, "dense": 2}  # embed, lm_head; attention; dense MLP; stacks
+    stacks = _moe_stacks(weights)
+    assert all(isinstance(s, GGUFWeight) and s.data.ndim == 3 and s.ggml_type == "Q8_0" for s in stacks)
+    ws = bench.weight_stats(weights, cfg, (1, 4))
+    assert ws["moe"]["expert_bytes"] == sum(s.nbytes for s in stacks)
+    assert bench.estimate_weight_bytes(cfg, "q4_k") > 0
+    for batch in (1, 4):  # B*k < E (gather the picked experts) and B*k >= E (scan over the experts)
+        rec = bench.bench_decode(weights, cfg, ferrum_jax.DEFAULT_OPS, batch=batch, context=16, steps=2, runs=1,
+                                 kv_dtype=jnp.float32)
+        assert rec["steps_done_min"] == 2 and rec["compiles_during_timing"] == 0
+        assert rec["dispatch"]["moe_experts"] == "xla_dequant" and np.isfinite(rec["tokens_per_second"])
+
+
+def test_moe_quantized_without_stacks_is_refused_before_drawing(monkeypatch):
+    import models
+    from ferrum_jax.bench import weights as bw
+
+    cfg = shape_config("qwen3-moe-tiny")
+    monkeypatch.setattr(bw, "tensor_shapes", lambda c: models.family_of(c).tensor_shapes(c))  # per-expert names
+    monkeypatch.setattr(bw, "random_gguf_weight", lambda *a, **k: pytest.fail("drew weights"))
+    with pytest.raises(ferrum_jax.FerrumError, match="Qwen3MoeForCausalLM with --dtype q4_k"):
+        bench.random_quantized_weights(cfg, "Q4_K")
+    from ferrum_jax.bench.run import _load_weights
+
+    with pytest.raises(ferrum_jax.FerrumError, match="--shape qwen3-moe-tiny --dtype q4_k: "):
+        _load_weights(bench.BenchConfig(shape="qwen3-moe-tiny", dtype="q4_k"))
+
+
+def test_dense_shapes_are_unchanged(sweep):
+    result, _ = sweep
+    cfg = shape_config("llama-tiny")
+    ws = result["weights"]
+    assert "moe" not in ws and isinstance(ws["bytes_read_per_decode_step"], int)
+    assert ws["bytes_read_per_decode_step"] == ws["bytes"] - ws["embedding_bytes_not_read"]
+    per_layer = 2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128
+    assert ws["matmul_params_per_token"] == cfg.num_layers * per_layer
+    for r in (x for x in result["decode"] if x["status"] == "ok"):
+        assert r["weight_bytes_per_step"] == ws["bytes_read_per_decode_step"]
+        assert r["weight_bytes_per_step"] == bench.decode_weight_bytes(ws, r["batch"])
+        assert "expected_distinct_experts_per_layer" not in r and "active_expert_bytes_per_step" not in r
+    assert "decode_weight_bytes_note" not in result and "MoE" not in bench.format_table(result)
+    # Figures of the real shapes, as before MoE accounting (bytes of the random weights).
+    assert bench.estimate_weight_bytes(shape_config("llama-3.1-8b"), "bf16") == 16060522496
+    assert bench.estimate_weight_bytes(shape_config("llama-3.1-8b"), "q4_k") == 4517404672
+    assert bench.estimate_weight_bytes(shape_config("qwen3-8b"), "bf16") == 16381470720
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -27,12 +27,15 @@ def attention_flops_decode(cfg: Any, context: int) -> int:
 
 
 def prefill_flops(cfg: Any, ws: dict[str, int], t: int) -> int:
-    """2 * layer params * t (projections and MLP of every token) + 2 * lm_head params (logits of the
-    last position only) + causal attention FLOPs."""
+    """2 * layer params * t (projections and MLP of every token; MoE: the top-k experts' parameters,
+    `matmul_params_per_token`) + 2 * lm_head params (logits of the last position only) + causal
+    attention FLOPs."""
     return 2 * ws["matmul_params_per_token"] * t + 2 * ws["lm_head_params"] + attention_flops_prefill(cfg, t)
 
 
 def decode_flops_per_token(cfg: Any, ws: dict[str, int], context: int) -> int:
+    """2 * (layer params + lm_head params) + attention over the visible keys; MoE: the layer params
+    are the active ones (top-k experts of each token, `matmul_params_per_token`)."""
     return 2 * (ws["matmul_params_per_token"] + ws["lm_head_params"]) + attention_flops_decode(cfg, context)
 
 

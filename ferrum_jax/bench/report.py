@@ -80,6 +80,15 @@ def format_table(result: dict[str, Any]) -> str:
             continue
         rows.append((label, f"{r['tokens_per_second']:.1f} tok/s",
                      f"{r['bandwidth_fraction']:.1%} BW, {r['roofline_fraction']:.1%} roof", ratio(r)))
+    footer: list[str] = []
+    moe = (result.get("weights") or {}).get("moe")
+    if moe:  # the weight bytes the decode rows' fractions count
+        e = moe["num_experts"]
+        for b, nbytes in result["weights"]["bytes_read_per_decode_step"].items():
+            rows.append((f"MoE weights read b={b}", f"{_si(nbytes, 'B')}/step",
+                         f"{moe['expected_distinct_experts_per_layer'][b]:.1f}/{e} experts per layer", ""))
+        footer.append(f"MoE: experts per layer = expected distinct experts under uniform routing, E(1-(1-k/E)^B) "
+                      f"(E={e}, k={moe['top_k']}); decode BW fractions count those experts' bytes")
     cold = result["compile"]["cold"]
     if cold.get("decode_seconds") is not None:
         rows.append(("compile decode (cold)", f"{cold['decode_seconds']:.2f} s", "", ""))
@@ -118,7 +127,7 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(lines + footer)
 
 
 def _batch_axis(ax: Any, points: list[dict]) -> None:

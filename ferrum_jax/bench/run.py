@@ -90,7 +90,10 @@ def _load_weights(bc: BenchConfig) -> tuple[Any, Any, Ops, dict[str, Any]]:
 
         return cfg, random_weights(cfg, compute, seed=bc.seed), DEFAULT_OPS, {
             "source": "shape", "random": True, "format": "dense", "quant_type": None}
-    weights, types = random_quantized_weights(cfg, bc.quant_type, compute, seed=bc.seed)
+    try:
+        weights, types = random_quantized_weights(cfg, bc.quant_type, compute, seed=bc.seed)
+    except ConfigError as e:
+        raise ConfigError(f"--shape {bc.shape} --dtype {bc.dtype_tag}: {e}") from None
     return cfg, weights, DEFAULT_OPS, {"source": "shape", "random": True, "format": "gguf-packed",
                                        "quant_type": bc.quant_type, "tensor_types": types,
                                        "decoded_in": "the jitted step (kernel layout: Pallas quantized matmul on GPU, dequantize-once elsewhere)"}
@@ -148,7 +151,7 @@ def run_bench(bc: BenchConfig, log: Callable[[str], None] = log_stderr) -> dict[
     start = now()
     cfg, weights, ops, wdesc = _load_weights(bc)
     jax.block_until_ready(weights)
-    ws = weight_stats(weights)
+    ws = weight_stats(weights, cfg, bc.batches)
     kv_dtype = jnp.dtype(bc.compute_dtype)
     name = bc.shape if bc.model is None else Path(str(bc.model)).stem
     result |= {"shape": name, "config": hf_config, "dtype": bc.dtype_tag, "compute_dtype": bc.compute_dtype,
@@ -156,6 +159,18 @@ def run_bench(bc: BenchConfig, log: Callable[[str], None] = log_stderr) -> dict[
                "weights": wdesc | ws | {"seconds": now() - start}}
     log(f"weights: {name} {bc.dtype_tag}: {ws['bytes'] / 1e9:.2f} GB ({ws['params'] / 1e9:.2f} G params), "
         f"{now() - start:.1f} s")
+    if "moe" in ws:
+        moe = ws["moe"]
+        notes.append(
+            f"MoE ({moe['num_experts']} experts, top {moe['top_k']}, {moe['moe_layers']} MoE layers): a decode "
+            "step's weight bytes are the non-expert bytes + the expected distinct experts under uniform routing "
+            "(E * (1 - (1 - k/E)^B) per MoE layer for B tokens) x bytes per expert; FLOPs count the top "
+            f"{moe['top_k']} experts of each token (active parameters). That is what the step needs: the XLA "
+            "reference MoE ops (CPU; quantized stacks on GPU) gather one expert copy per (token, slot) while "
+            "B*k < E, and from there on the dense one computes every expert, the packed one scans them all")
+        per_batch = ", ".join(f"b={b}: {v / 1e9:.2f} GB" for b, v in ws["bytes_read_per_decode_step"].items())
+        log(f"weights: MoE decode step reads {per_batch} (expected distinct experts under uniform routing) of "
+            f"{ws['bytes_read_per_decode_step_all_experts'] / 1e9:.2f} GB")
     if any(getattr(s, "window", None) for s in cfg.attn):
         notes.append("sliding-window layers: FLOPs and ideal KV bytes count only the keys inside the window; "
                      "the XLA reference attention still reads (and masks) every cache slot")
@@ -174,6 +189,12 @@ def run_bench(bc: BenchConfig, log: Callable[[str], None] = log_stderr) -> dict[
                        runs=bc.runs, kv_dtype=kv_dtype, bw=bw, peak=peak, deadline=sweep_deadline, notes=notes,
                        log=log)
     result["decode"] = dec
+    if "moe" in ws:
+        result["decode_weight_bytes_note"] = (
+            "MoE: weight_bytes_per_step = weights.bytes_read_per_decode_step[batch] = the non-expert weights + "
+            "the expected distinct experts under uniform routing, E * (1 - (1 - k/E)^B) per MoE layer "
+            "(expected_distinct_experts_per_layer), x bytes per expert (active_expert_bytes_per_step in all); "
+            "bandwidth_fraction and the roofline use it")
     result["decode_kv_bytes_note"] = (
         "kv_bytes_per_step is the whole cache (capacity = context + steps + 16 slots): the XLA reference decode "
         "attention reads every slot, masked; kv_bytes_at_context is what a step at `context` needs, used for "

@@ -23,6 +23,7 @@ from ferrum_jax.bench.flops import (
     prefill_flops,
     prefill_need,
 )
+from ferrum_jax.bench.weights import decode_weight_bytes, expected_distinct_experts
 from ferrum_jax.cache import KVCache
 from ferrum_jax.compile_log import count_compiles
 from ferrum_jax.generate import EOS_SLOTS, DecodeState, decode, prefill
@@ -197,7 +198,9 @@ def decode_sweep(weights: Any, cfg: Any, ops: Ops, ws: dict[str, int], *, batche
                  contexts: Sequence[int], steps: int, runs: int, kv_dtype: Any, bw: float, peak: float,
                  deadline: float, notes: list[str], log: Callable[[str], None]) -> list[dict[str, Any]]:
     """bench_decode at every (batch, context) that starts before `deadline`, as fractions of the copy
-    bandwidth `bw` and of the roofline (`bw` and the matmul `peak`). Rows that stopped early go to `notes`."""
+    bandwidth `bw` and of the roofline (`bw` and the matmul `peak`). Rows that stopped early go to `notes`.
+    The weight bytes of a step are `decode_weight_bytes(ws, batch)` (MoE: the non-expert weights + the
+    expected distinct experts under uniform routing; recorded per point as `weight_bytes_per_step`)."""
     max_pos = cfg.max_position_embeddings
     dec = []
     for context in contexts:
@@ -217,7 +220,12 @@ def decode_sweep(weights: Any, cfg: Any, ops: Ops, ws: dict[str, int], *, batche
                 notes.append(f"{label}: a row ran only {rec['steps_done_min']} of {steps} steps")
                 log(f"{label}: WARNING a row stopped after {rec['steps_done_min']} steps")
             step = rec["seconds_per_step"]
-            wbytes = ws["bytes_read_per_decode_step"]
+            wbytes = decode_weight_bytes(ws, batch)  # MoE: the non-expert weights + the experts B tokens pick
+            if "moe" in ws:
+                moe = ws["moe"]
+                distinct = float(expected_distinct_experts(moe["num_experts"], moe["top_k"], batch))
+                rec |= {"expected_distinct_experts_per_layer": distinct,
+                        "active_expert_bytes_per_step": wbytes - moe["non_expert_bytes_read_per_decode_step"]}
             ideal_kv = kv_bytes_at_context(cfg, batch, context, kv_dtype)
             flops = batch * decode_flops_per_token(cfg, ws, context)
             roof_step = max((wbytes + ideal_kv) / bw, flops / peak)
