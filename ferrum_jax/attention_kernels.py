@@ -5,7 +5,9 @@ paged kernels register `decode_attention` / `paged_attention` from their own mod
 
 Order in the op's table (first that applies wins): `cudnn` (ferrum_jax.ops; registered first, as
 this module imports ferrum_jax.ops before registering) takes a bf16/f16 prefill into an empty cache
-without soft-cap at head_dim 64/128; `pallas_flash` (pallas_kernels/attention/flash.py) takes the
+without soft-cap at head_dim 64/128; `pallas_flash_hopper` (pallas_kernels/attention/flash_hopper.py,
+Mosaic GPU: wgmma + TMA, Hopper only) takes the other bf16/f16 prefills from position 0 (soft-cap,
+head_dim 256, a cache longer than the prompt); `pallas_flash` (pallas_kernels/attention/flash.py) takes the
 rest it can: chunked prefill (queries at any positions over a longer cache), soft-cap, head_dim 256,
 int8 / fp8 caches, float32; then the XLA reference.
 """
@@ -18,7 +20,7 @@ import jax
 
 from ferrum_jax import ops as _ops  # noqa: F401  registers "cudnn" (and the reference) before ours
 from ferrum_jax.backend import Impl, register
-from pallas_kernels.attention import flash
+from pallas_kernels.attention import flash, flash_hopper
 
 
 def flash_prefill(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, *, scale: float,
@@ -38,4 +40,16 @@ def _flash_applies(q: Any, k: Any, v: Any, q_positions: Any, *, scale: float, wi
                              k_scale=k_scale, v_scale=v_scale)
 
 
+def _hopper_applies(q: Any, k: Any, v: Any, q_positions: Any, *, scale: float, window: int | None = None,
+                    softcap: float | None = None, causal_from_zero: bool = False, k_scale: Any = None,
+                    v_scale: Any = None) -> str | None:
+    """Arguments first (cheap), then the device: compute capability 9.x and Mosaic GPU importable."""
+    return (flash_hopper.op_unsupported(q, k, v, q_positions, scale=scale, window=window, softcap=softcap,
+                                        causal_from_zero=causal_from_zero, k_scale=k_scale, v_scale=v_scale)
+            or flash_hopper.device_unsupported())
+
+
+# Registration order is preference: the Hopper kernel before the Triton one.
+register("attention", Impl("pallas_flash_hopper", flash_hopper.hopper_prefill, platforms=frozenset({"gpu"}),
+                           applies=_hopper_applies))
 register("attention", Impl("pallas_flash", flash_prefill, platforms=frozenset({"gpu"}), applies=_flash_applies))

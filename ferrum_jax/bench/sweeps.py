@@ -34,11 +34,13 @@ _DONATION_WARNING = "Some donated buffers were not usable"
 
 def host_state(batch: int, capacity: int, vocab: int, context: int) -> DecodeState:
     """A decode state whose every row's next token sits at position `context` (the timed steps
-    attend over `context` keys), with no stop ids and no token limit."""
+    attend over `context` keys), with no stop ids and no token limit. Rows start from distinct
+    tokens, so they do not all compute the same thing (a MoE batch then routes to many experts)."""
     put = jax.device_put
     return DecodeState(
         tokens=put(np.zeros((batch, capacity), np.int32)), count=put(np.zeros((batch,), np.int32)),
-        last=put(np.ones((batch,), np.int32)), position=put(np.full((batch,), context, np.int32)),
+        last=put((np.arange(batch) * 7919 % max(vocab - 1, 1) + 1).astype(np.int32)),
+        position=put(np.full((batch,), context, np.int32)),
         done=put(np.zeros((batch,), bool)), seen=put(np.zeros((batch, vocab), bool)),
         key=put(np.stack([np.zeros(batch, np.uint32), np.arange(batch, dtype=np.uint32)], axis=1)),
         max_new=put(np.full((batch,), 1 << 30, np.int32)), stop_ids=put(np.full((EOS_SLOTS,), -1, np.int32)))

@@ -172,6 +172,7 @@ def unsupported(q, k, v, *, scale=1.0, window=None, softcap=None) -> str | None:
     return None
 
 
+@functools.cache
 def device_unsupported() -> str | None:
     """None on a Hopper (compute capability 9.x) GPU with Mosaic GPU available, else why not."""
     reason = mosaic_gpu_unavailable()
@@ -449,8 +450,12 @@ def _build(*, b, t_pad, h, kvh, s_len, s_pad, d, dtype, scale, window, softcap, 
 
             def epilogue_kv_loop(step, _):
                 # This loop makes sure that all the pipelined KV data is processed, even
-                # if one compute wg finishes early like with causal masking.
+                # if one compute wg finishes early like with causal masking. Unlike the example,
+                # it also waits for each step's data, so that every barrier phase is observed (no
+                # TMA left in flight; Mosaic GPU interpret mode checks this).
                 slot = lax.rem(step, jnp.array(mcs, step.dtype))
+                plgpu.barrier_wait(k_barriers.at[slot])
+                plgpu.barrier_wait(v_barriers.at[slot])
                 plgpu.barrier_arrive(k_consumed_barriers.at[slot])
                 plgpu.barrier_arrive(v_consumed_barriers.at[slot])
                 perform_schedule_barrier()
@@ -485,10 +490,7 @@ def _build(*, b, t_pad, h, kvh, s_len, s_pad, d, dtype, scale, window, softcap, 
                 def issue(i=i):
                     plgpu.copy_gmem_to_smem(tile(k_ref, i), k_smem.at[i], k_barriers.at[i])
                     plgpu.copy_gmem_to_smem(tile(v_ref, i), v_smem.at[i], v_barriers.at[i])
-                if window is None:
-                    issue()  # as the example: cta_lo is 0 and block i < mcs exists
-                else:
-                    pl.when(i < n_steps)(issue)
+                pl.when(i < n_steps)(issue)  # (the example issues all: unobserved loads at exit)
 
             @pl.loop(0, n_steps - mcs)
             def _kv_loop(step):
@@ -498,6 +500,14 @@ def _build(*, b, t_pad, h, kvh, s_len, s_pad, d, dtype, scale, window, softcap, 
                 plgpu.copy_gmem_to_smem(tile(k_ref, tma_step), k_smem.at[tma_slot], k_barriers.at[tma_slot])
                 plgpu.barrier_wait(v_consumed_barriers.at[tma_slot])
                 plgpu.copy_gmem_to_smem(tile(v_ref, tma_step), v_smem.at[tma_slot], v_barriers.at[tma_slot])
+
+            # Not in the example: observe the last steps' consumed phases too (interpret mode checks
+            # that every barrier phase is observed; on the GPU this only idles the producer).
+            @pl.loop(jnp.maximum(n_steps - mcs, 0), n_steps)
+            def _drain(step):
+                slot = lax.rem(step, jnp.array(mcs, step.dtype))
+                plgpu.barrier_wait(k_consumed_barriers.at[slot])
+                plgpu.barrier_wait(v_consumed_barriers.at[slot])
 
     def entry(*refs):
         if has_offset:
