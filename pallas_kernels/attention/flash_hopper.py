@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import math
 import numbers
 
@@ -64,7 +65,7 @@ _JAX_VERSION = tuple(int(x) for x in jax.__version__.split(".")[:2])
 def mosaic_gpu_unavailable() -> str | None:
     """None when jax's Mosaic GPU Pallas backend imports, else why not."""
     try:
-        import jax.experimental.pallas.mosaic_gpu  # noqa: F401
+        importlib.import_module("jax.experimental.pallas.mosaic_gpu")
     except Exception as e:  # noqa: BLE001  (ImportError, missing absl, jaxlib without Mosaic GPU)
         return f"Mosaic GPU unavailable in jax {jax.__version__}: {type(e).__name__}: {e}"
     return None
@@ -100,7 +101,7 @@ class _Api:
             return None
         cls = getattr(self.plgpu, "InterpretGPUParams", None)
         if cls is None:  # jax 0.10.x does not export it
-            from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls
+            cls = importlib.import_module("jax._src.pallas.mosaic_gpu.interpret.params").InterpretGPUParams
         return cls()
 
 
@@ -187,6 +188,13 @@ def device_unsupported() -> str | None:
         return f"compute capability of {dev.platform} device {dev.device_kind!r} unknown"
     if not str(cc).startswith("9"):
         return f"compute capability {cc} is not 9.x (Hopper)"
+    try:  # jax's attention_mgpu.py refuses causal masks there: a ptxas miscompilation
+        from jax._src.lib import cuda_versions
+        version = cuda_versions.cuda_runtime_get_version() if cuda_versions is not None else None
+    except Exception:  # noqa: BLE001
+        version = None
+    if version is not None and 12080 <= version < 12091:
+        return f"CUDA runtime {version}: ptxas miscompiles causal masks between 12.8.0 and 12.9.1"
     return None
 
 
@@ -203,14 +211,16 @@ def flash_attention_hopper(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: j
     reason = unsupported(q, k, v, scale=scale, window=window, softcap=softcap)
     if reason is not None:
         raise ValueError(f"flash_attention_hopper: {reason}")
-    b, t, h, d = q.shape
+    b, d = q.shape[0], q.shape[3]
     if q_offset is not None:
         q_offset = jnp.asarray(q_offset)
         if q_offset.shape != (b,) or q_offset.dtype != jnp.int32:
             raise ValueError(f"flash_attention_hopper: q_offset must be int32 [{b}], got {q_offset.dtype} "
                              f"{q_offset.shape}")
     base = default_config(d)
-    config = HopperConfig(block_q or base.block_q, block_kv or base.block_kv,
+    if block_kv is None:  # a short cache: no wider a tile than it needs (64, 128 or 256)
+        block_kv = min(base.block_kv, max(64, 1 << (k.shape[2] - 1).bit_length()))
+    config = HopperConfig(block_q or base.block_q, block_kv,
                           max_concurrent_steps or base.max_concurrent_steps)
     err = config_error(d, q.dtype, config)
     if err is not None:
@@ -249,9 +259,9 @@ def op_unsupported(q, k, v, q_positions, *, scale=1.0, window=None, softcap=None
     if not hasattr(q_positions, "shape") or tuple(q_positions.shape) != tuple(q.shape[:2]):
         return f"q_positions must be [B, T] = {tuple(q.shape[:2])}"
     # Verify the promise only when it costs nothing to (a concrete host array): never under jit.
-    if isinstance(q_positions, np.ndarray):
-        if not np.array_equal(q_positions, np.broadcast_to(np.arange(q.shape[1]), q_positions.shape)):
-            return "causal_from_zero, but q_positions are not 0..T-1 in every row"
+    if isinstance(q_positions, np.ndarray) and not np.array_equal(
+            q_positions, np.broadcast_to(np.arange(q.shape[1]), q_positions.shape)):
+        return "causal_from_zero, but q_positions are not 0..T-1 in every row"
     return None
 
 

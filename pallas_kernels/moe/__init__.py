@@ -60,11 +60,12 @@ def _fit(dim: int, want: int) -> int:
 def choose_config(num_entries: int, num_experts: int, hidden: int, ff: int) -> MoeConfig:
     """Defaults by the mean entries per expert (T*k / E): block_m 16 for decode and small batches
     (one block per expert), larger blocks when experts get many rows (fewer re-reads of each weight
-    tile). Starting points for the GPU sweep in bench/moe.py, not yet measured values."""
+    tile). Starting points for the GPU sweep in bench/moe.py; only the decode gate_up tile is measured."""
     per_expert = num_entries / num_experts
     block_m = 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64
-    if block_m == 16:  # weight-bandwidth bound: narrow tiles for more programs, long K steps
-        gu, dn = Tiles(32, 128, 4, 4), Tiles(32, 128, 4, 4)
+    if block_m == 16:  # weight-bandwidth bound; gate_up: the best of an H200 sweep at T = 1 (34.7 vs
+        # 61.8 us for 32 x 128 at Qwen3-30B-A3B shapes, bench/results/moe_sweep_*); down: not yet swept
+        gu, dn = Tiles(64, 256, 4, 4), Tiles(32, 128, 4, 4)
     else:
         gu, dn = Tiles(64, 64, 4, 3), Tiles(64, 64, 4, 3)
     gu = dataclasses.replace(gu, block_n=_fit(ff, gu.block_n), block_k=_fit(hidden, gu.block_k))
