@@ -145,6 +145,11 @@ def mgpu_prefill(q, k, v, pos):
     return amg.attention((q * HEAD_DIM ** -0.5).astype(q.dtype), k, v, cfg)
 
 
+def hopper_prefill(cfg: dict):
+    from pallas_kernels.attention.flash_hopper import flash_attention_hopper
+    return lambda q, k, v, pos: flash_attention_hopper(q, k, v, scale=HEAD_DIM ** -0.5, **cfg)
+
+
 def flash_prefill(cfg: dict):
     return lambda q, k, v, pos: flash_attention(q, k, v, pos, scale=HEAD_DIM ** -0.5, **cfg)
 
@@ -209,16 +214,26 @@ def check(args) -> None:
         raise SystemExit("a kernel disagrees with the reference")
 
 
-def prefill_point(t: int, cfg: dict, with_cudnn: bool = True) -> dict:
+def prefill_point(t: int, cfg: dict, with_cudnn: bool = True, hopper_configs: dict | None = None) -> dict:
     q, k, v, pos = prefill_inputs(t)
     flops = causal_flops(1, t)
     row = {"kind": "prefill", "T": t, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "config": cfg}
     row["pallas_seconds"] = loop_seconds(flash_prefill(cfg), (q, k, v, pos), n=4)
     row["pallas_tflops"] = flops / row["pallas_seconds"] / 1e12
+    hopper_configs = hopper_configs or {}
+    for name, hcfg in hopper_configs.items():
+        try:
+            t_h = loop_seconds(hopper_prefill(hcfg), (q, k, v, pos), n=4)
+            row[f"hopper_{name}_seconds"], row[f"hopper_{name}_tflops"] = t_h, flops / t_h / 1e12
+        except Exception as e:  # noqa: BLE001  report and go on (e.g. shared memory over the limit)
+            row[f"hopper_{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     if with_cudnn:
         row["cudnn_seconds"] = loop_seconds(cudnn_prefill, (q, k, v, pos), n=4)
         row["cudnn_tflops"] = flops / row["cudnn_seconds"] / 1e12
         row["pallas_over_cudnn"] = row["cudnn_seconds"] / row["pallas_seconds"]
+        for name in hopper_configs:
+            if f"hopper_{name}_seconds" in row:
+                row[f"hopper_{name}_over_cudnn"] = row["cudnn_seconds"] / row[f"hopper_{name}_seconds"]
         try:
             row["jax_mgpu_example_seconds"] = loop_seconds(mgpu_prefill, (q.astype(jnp.float16), k.astype(jnp.float16),
                                                                           v.astype(jnp.float16), pos), n=4)
@@ -325,8 +340,9 @@ def bench(args) -> dict:
             out.write_text(json.dumps(result, indent=1))
 
     for t in args.prefill:
-        add(prefill_point(t, json.loads(args.flash_config)))
-    for (b, s), kvd in itertools.product(DECODE_POINTS, (None, jnp.int8, jnp.float8_e4m3fn)):
+        add(prefill_point(t, json.loads(args.flash_config), hopper_configs=json.loads(args.hopper_configs)))
+    for (b, s), kvd in itertools.product(() if args.skip_decode else DECODE_POINTS,
+                                         (None, jnp.int8, jnp.float8_e4m3fn)):
         add(decode_point(b, s, kvd, json.loads(args.decode_config),
                          json.loads(args.paged_config) if kvd is None or args.paged_quantized else None, bw,
                          with_xla=kvd is None))
@@ -337,12 +353,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=("check", "sweep", "bench", "profile"))
     p.add_argument("--kernel", choices=("flash", "decode", "paged"), default="flash")
+    p.add_argument("--skip-decode", action="store_true", help="bench: prefill only")
     p.add_argument("--grid", default="block_q=64,128 block_k=64,128 num_warps=4,8 num_stages=2,3",
                    help="sweep: 'name=v1,v2 name=...' keyword arguments of the kernel")
     p.add_argument("--length", type=int, help="sweep flash: sequence length")
     p.add_argument("--point", type=lambda s: tuple(int(x) for x in s.split("x")), help="sweep decode: BxS")
     p.add_argument("--prefill", type=lambda s: [int(x) for x in s.split(",")], default=list(PREFILL_LENGTHS))
     p.add_argument("--flash-config", default="{}", help="JSON keyword arguments for flash_attention")
+    p.add_argument("--hopper-configs", default='{"default": {}}',
+                   help="JSON {name: keyword arguments} for flash_attention_hopper (Mosaic GPU), each timed")
     p.add_argument("--decode-config", default="{}", help="JSON keyword arguments for decode_attention")
     p.add_argument("--paged-config", default="{}", help="JSON keyword arguments for paged_decode_attention")
     p.add_argument("--kv-dtype", choices=("bf16", "int8", "fp8"), default="bf16", help="profile, sweep: cache dtype")
