@@ -51,12 +51,16 @@ _TABLE: dict[str, list[Impl]] = {}
 _RECORDERS: list[list[Choice]] = []
 
 
-def register(op: str, impl: Impl) -> None:
-    """Add an implementation of `op`: kernels in the order registered, the reference last."""
+def register(op: str, impl: Impl, *, before: str | None = None) -> None:
+    """Add an implementation of `op`: kernels in the order registered (or just ahead of the one
+    named `before`, where a later kernel measured faster), the reference last."""
     impls = _TABLE.setdefault(op, [])
     if any(i.name == impl.name for i in impls):
         raise ValueError(f"{op} already has an implementation named {impl.name!r}")
-    impls.append(impl)
+    names = [i.name for i in impls]
+    if before is not None and before not in names:
+        raise ValueError(f"{op} has no implementation named {before!r} to register {impl.name!r} before")
+    impls.insert(names.index(before) if before is not None else len(impls), impl)
     impls.sort(key=lambda i: i.reference)  # stable: keeps kernel order, moves the reference last
 
 
