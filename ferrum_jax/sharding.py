@@ -73,6 +73,8 @@ RULES: dict[str, str | None] = {
     "qkv": "model",
     "mlp": "model",
     "experts": "expert",
+    "expert_mlp": "model",
+    "router": None,
     "embed": None,
     "head_dim": None,
     "seq": None,
@@ -86,6 +88,13 @@ WEIGHT_AXES: dict[str, tuple[str, ...]] = {
     "bq": ("heads",), "bk": ("kv_heads",), "bv": ("kv_heads",), "bqkv": ("qkv",), "bo": ("embed",),
     "q_norm": ("head_dim",), "k_norm": ("head_dim",),
     "gate": ("mlp", "embed"), "up": ("mlp", "embed"), "down": ("embed", "mlp"),
+    "router": ("router", "embed"), "shared_gate": ("router", "embed"),
+}
+# The expert stacks of a `models.moe.Moe` node ([experts, out, in]; told from an Mlp's 2-D gate/up/down
+# by their rank): experts over "expert", the expert FFN dim over "model".
+STACK_AXES: dict[str, tuple[str, ...]] = {
+    "gate": ("experts", "expert_mlp", "embed"), "up": ("experts", "expert_mlp", "embed"),
+    "down": ("experts", "embed", "expert_mlp"),
 }
 CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")
 ROW_AXES = ("batch",)  # per-row generation inputs and decode state: [batch, ...]
@@ -119,6 +128,8 @@ def logical_axes(path: tuple, leaf: Any) -> tuple[str, ...]:
     packed GGUFWeight is skipped: its rows and blocked columns split like the logical tensor's)."""
     names = [k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey) and k.name != "data"]
     name = names[-1] if names else ""
+    if name in STACK_AXES and len(leaf.shape) == 3:
+        return STACK_AXES[name]
     if name in WEIGHT_AXES:
         return WEIGHT_AXES[name]
     if name.endswith("norm"):  # attn_norm, mlp_norm, norm, ...: [embed]
@@ -231,9 +242,15 @@ def check_mesh(cfg: Any, mesh: Mesh | None) -> None:
         return
     if set(mesh.axis_names) != set(AXES):
         raise ConfigError(f"mesh axes {mesh.axis_names}: expected {AXES} (see ferrum_jax.sharding.make_mesh)")
-    if getattr(cfg, "num_experts", 0):  # models.moe: the stacked experts have no mesh layout yet
-        raise ConfigError(f"{cfg.architecture}: MoE models do not run sharded yet (tensor / expert parallel "
-                          "layouts of the expert stacks are still to come); load it without a mesh")
+    ep, tp = axis_size(mesh, "expert"), axis_size(mesh, "model")
+    if getattr(cfg, "num_experts", 0):  # models.moe: experts over "expert", their FFN dim over "model"
+        for field, n, axis, size in (("num_experts", cfg.num_experts, "expert", ep),
+                                     ("moe_intermediate_size", cfg.moe_intermediate_size, "model", tp),
+                                     ("shared_expert_intermediate_size", cfg.shared_expert_intermediate_size,
+                                      "model", tp)):
+            if n % size:
+                raise ConfigError(f"{cfg.architecture}: {field}={n} does not split over mesh axis {axis!r} of "
+                                  f"size {size}")
     if axis_size(mesh, "expert") > 1 and not getattr(cfg, "num_experts", 0):
         raise ConfigError(f"expert parallel needs an MoE model: {cfg.architecture} is dense (mesh axis 'expert' "
                           f"has size {axis_size(mesh, 'expert')}; use --tp / --dp)")
@@ -241,14 +258,46 @@ def check_mesh(cfg: Any, mesh: Mesh | None) -> None:
 
 
 def sharded_config(cfg: Any, mesh: Mesh | None) -> Any:
-    """`cfg` as the sharded model sees it: num_kv_heads multiplied by the kv head replicas."""
+    """`cfg` as the sharded model sees it: num_kv_heads multiplied by the kv head replicas; an MoE
+    config also carries the mesh (its experts run in `moe_experts_sharded`)."""
     check_mesh(cfg, mesh)
+    if mesh is not None and getattr(cfg, "num_experts", 0):
+        cfg = dataclasses.replace(cfg, mesh=mesh)
     rep = kv_replicas(cfg.num_heads, cfg.num_kv_heads, axis_size(mesh, "model"), cfg.architecture)
     if rep == 1:
         return cfg
     kv = cfg.num_kv_heads * rep
     return dataclasses.replace(cfg, num_kv_heads=kv,
                                attn=tuple(dataclasses.replace(a, num_kv_heads=kv) for a in cfg.attn))
+
+
+def moe_experts_sharded(mesh: Mesh, ops: Any, x: jax.Array, ids: jax.Array, weights: jax.Array, gate: Any,
+                        up: Any, down: Any, kind: str) -> jax.Array:
+    """`ops.moe_experts` over expert stacks laid out by STACK_AXES on `mesh`, in a shard_map: every
+    device gets the (replicated) routing of its rows and runs its own experts
+    [i*E/ep, (i+1)*E/ep) (`expert_offset`; slots routed elsewhere add zero) on its slice of the
+    expert FFN dim (gate/up column-parallel, down row-parallel: the activation is elementwise, so
+    the slices are independent), and one psum over ("expert", "model") sums the partial outputs.
+    Rows stay split over "data" (when the batch divides; else replicated)."""
+    if any(isinstance(w, GGUFWeight) for w in (gate, up, down)):
+        raise ConfigError("packed GGUF expert stacks do not run on a mesh yet (load with dequantize=True)")
+    ep = axis_size(mesh, "expert")
+    local_experts = gate.shape[0] // ep
+    rows = PartitionSpec("data" if x.shape[0] % axis_size(mesh, "data") == 0 else None)
+    stacks = [w for w in (gate, up, down) if w is not None]
+    names = ["gate", "up", "down"] if up is not None else ["gate", "down"]
+    specs = tuple(spec(STACK_AXES[n]) for n in names)
+    if up is None and axis_size(mesh, "model") > 1:
+        raise ConfigError("a fused [gate; up] expert stack cannot split over mesh axis 'model' (arrange unfuses it)")
+
+    def local(x: jax.Array, ids: jax.Array, weights: jax.Array, *ws: jax.Array) -> jax.Array:
+        g, u, d = ws if len(ws) == 3 else (ws[0], None, ws[1])
+        offset = jax.lax.axis_index("expert") * local_experts
+        y = ops.moe_experts(x, ids, weights, g, u, d, kind, expert_offset=offset)
+        return jax.lax.psum(y, ("expert", "model"))
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, *specs), out_specs=rows)(
+        x, ids, weights, *stacks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,17 +348,31 @@ def arrange(weights: Any, cfg: Any, tp: int, ops: RowOps) -> Any:
 
     def mlp(m: Mlp) -> Mlp:
         gate, up = m.gate, m.up
-        if up is None:  # fused [gate; up]
-            f = cfg.intermediate_size
+        if up is None:  # fused [gate; up] (of intermediate_size, or a shared expert's size)
+            f = m.gate.shape[0] // 2
             gate, up = ops.take(m.gate, np.arange(f)), ops.take(m.gate, np.arange(f, 2 * f))
         if tp == 1 and ops.fusable(gate, up):
             return Mlp(gate=ops.concat([gate, up]), up=None, down=m.down)
         return Mlp(gate=gate, up=up, down=m.down)
 
+    def moe(m: Any) -> Any:  # models.moe.Moe: stacks as they are (gate/up unfused for tp > 1)
+        gate, up = m.gate, m.up
+        if up is None and tp > 1:  # [E, 2F, H]: [gate_e; up_e] per expert
+            f = gate.shape[1] // 2
+            gate, up = gate[:, :f], gate[:, f:]
+        return dataclasses.replace(m, gate=gate, up=up, shared=None if m.shared is None else mlp(m.shared))
+
     def node(n: Any) -> Any:
+        if _is_moe(n):
+            return moe(n)
         return attention(n) if isinstance(n, Attention) else mlp(n) if isinstance(n, Mlp) else n
 
-    return jax.tree_util.tree_map(node, weights, is_leaf=lambda n: isinstance(n, (Attention, Mlp)))
+    return jax.tree_util.tree_map(node, weights, is_leaf=lambda n: isinstance(n, (Attention, Mlp)) or _is_moe(n))
+
+
+def _is_moe(n: Any) -> bool:
+    """A models.moe.Moe node (not imported here: models.moe imports the backend)."""
+    return type(n).__name__ == "Moe" and hasattr(n, "router")
 
 
 def _take_device(x: Any, rows: np.ndarray) -> Any:
@@ -345,6 +408,10 @@ def shard_weights(cfg: Any, weights: Any, mesh: Mesh) -> tuple[Any, Any]:
     tp = axis_size(mesh, "model")
     new_cfg = sharded_config(cfg, mesh)
     arranged = arrange(weights, cfg, tp, DEVICE_ROWS) if tp > 1 or new_cfg is not cfg else weights
+    for n in jax.tree_util.tree_leaves(arranged, is_leaf=_is_moe):
+        if _is_moe(n) and any(isinstance(w, GGUFWeight) for w in (n.gate, n.up, n.down)):
+            raise ConfigError(f"{cfg.architecture}: packed GGUF expert stacks do not run on a mesh yet; load the "
+                              "GGUF file with dequantize=True before shard_model")
 
     def put(path: tuple, leaf: Any) -> Any:
         if isinstance(leaf, GGUFWeight):

@@ -51,6 +51,9 @@ class Config(DecoderConfig):
     o_bias: bool = False
     qk_norm: bool = False
     tie_word_embeddings: bool = False
+    # The device mesh the expert stacks are split over (set by ferrum_jax.sharding.sharded_config):
+    # the experts then run in a shard_map with a psum over "expert" / "model". None: one device.
+    mesh: Any = None
 
     @staticmethod
     def from_hf(d: Mapping[str, Any], where: str = "config.json") -> Config:
@@ -229,8 +232,14 @@ def build_weights(cfg: Config, t: Mapping[str, Any]) -> Weights:
 
 
 def moe_block(m: Moe, x: jax.Array, cfg: Config, ops: Ops) -> jax.Array:
-    out = ops.moe(x, m.router, m.gate, m.up, m.down, cfg.hidden_act, top_k=cfg.top_k,
-                  norm_topk_prob=cfg.norm_topk_prob)
+    if cfg.mesh is None:
+        out = ops.moe(x, m.router, m.gate, m.up, m.down, cfg.hidden_act, top_k=cfg.top_k,
+                      norm_topk_prob=cfg.norm_topk_prob)
+    else:  # routing replicated, each device runs its experts (and F slice), psum (ferrum_jax.sharding)
+        from ferrum_jax.sharding import moe_experts_sharded
+
+        weights, ids = ops.moe_route(x, m.router, top_k=cfg.top_k, norm_topk_prob=cfg.norm_topk_prob)
+        out = moe_experts_sharded(cfg.mesh, ops, x, ids, weights, m.gate, m.up, m.down, cfg.hidden_act)
     if m.shared is not None:
         shared = ops.gated_mlp(x, m.shared.gate, m.shared.up, m.shared.down, cfg.hidden_act)
         out = out + jax.nn.sigmoid(ops.linear(x, m.shared_gate)) * shared

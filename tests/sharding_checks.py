@@ -30,6 +30,8 @@ from ferrum_jax.errors import FerrumError  # noqa: E402
 from ferrum_jax.quant import GGUFWeight  # noqa: E402
 
 MESHES = {"tp2": (2, 1), "tp4": (4, 1), "dp2": (1, 2), "tp2xdp2": (2, 2), "tp4xdp2": (4, 2)}
+# MoE (8 experts): (tp, dp, ep).
+MOE_MESHES = {"ep2": (1, 1, 2), "ep4": (1, 1, 4), "tp2": (2, 1, 1), "ep2xdp2": (1, 2, 2), "tp2xep2": (2, 1, 2)}
 PROMPTS = [[4 + (37 * i + 11) % 380 for i in range(21)], [4 + (53 * i + 5) % 380 for i in range(13)]]
 STEPS = 16  # decode steps of teacher-forced logits, and greedy tokens generated (+ the prefill token)
 
@@ -73,7 +75,12 @@ def shard_facts(model: fj.Model) -> dict:
             seen.add(id(leaf))
             splits = np.prod([model.mesh.shape[a] for a in leaf.sharding.spec if a is not None], dtype=int)
             expected += leaf.nbytes // int(splits)
-    return {"device_bytes": per_device, "expected_device_bytes": int(expected),
+    experts = {}  # MoE: the expert range [start, stop) each device holds of layer 0's gate stack
+    gate = getattr(model.weights.layers[0].mlp, "gate", None)
+    if gate is not None and gate.ndim == 3:
+        experts = {str(s.device.id): [range(gate.shape[0])[s.index[0]].start, range(gate.shape[0])[s.index[0]].stop]
+                   for s in gate.addressable_shards}
+    return {"device_bytes": per_device, "expected_device_bytes": int(expected), "experts": experts,
             "total_bytes": sh.total_bytes(model.weights), "shapes": shapes,
             "num_kv_heads": model.config.num_kv_heads}
 
@@ -112,6 +119,8 @@ def main() -> None:
     ap.add_argument("--llama", required=True)
     ap.add_argument("--gemma", required=True)
     ap.add_argument("--gguf", required=True, help="a tiny Llama GGUF file with Q8_0 matrices")
+    ap.add_argument("--qwen3-moe", help="a tiny Qwen3-MoE checkpoint (8 experts, one dense layer)")
+    ap.add_argument("--qwen2-moe", help="a tiny Qwen2-MoE checkpoint (8 experts and a shared expert)")
     args = ap.parse_args()
     assert len(jax.devices()) == 8, jax.devices()
     results: dict = {"cases": {}, "errors": {}}
@@ -136,6 +145,24 @@ def main() -> None:
             model.weights, is_leaf=lambda x: isinstance(x, GGUFWeight)))
         results["cases"][f"gguf-{mode}-tp2xdp2"] = case
 
+    # MoE: expert parallel (routing replicated, local experts, psum), tensor parallel over the
+    # expert FFN dim, and both with data parallel, loaded straight to shards and via shard_model.
+    if args.qwen3_moe:
+        ref = load(args.qwen3_moe)
+        ref_out = reference(ref)
+        results["qwen3-moe"] = {"total_bytes": ref_out["total_bytes"]}
+        for name, (tp, dp, ep) in MOE_MESHES.items():
+            model = load(args.qwen3_moe, mesh=fj.make_mesh(tp=tp, dp=dp, ep=ep))
+            results["cases"][f"qwen3-moe-{name}"] = run_case(ref, model, ref_out)
+    if args.qwen2_moe:
+        ref = load(args.qwen2_moe)
+        ref_out = reference(ref)
+        results["qwen2-moe"] = {"total_bytes": ref_out["total_bytes"]}
+        results["cases"]["qwen2-moe-tp2xep4"] = run_case(ref, load(args.qwen2_moe, mesh=fj.make_mesh(tp=2, ep=4)),
+                                                         ref_out)
+        results["cases"]["qwen2-moe-ep2xdp2-shard_model"] = run_case(
+            ref, fj.shard_model(ref, fj.make_mesh(dp=2, ep=2)), ref_out)
+
     e = results["errors"]
     # Q8_0 blocks are 32 wide: wo's 64 input columns split in 2 but not in 4 whole blocks.
     e["packed_blocks"] = error_of(lambda: load(args.gguf, dequantize=False, mesh=fj.make_mesh(tp=4)))
@@ -144,6 +171,9 @@ def main() -> None:
     e["devices"] = error_of(lambda: fj.make_mesh(tp=4, dp=4))
     e["expert"] = error_of(lambda: load(args.llama, mesh=fj.make_mesh(tp=2, ep=2)))
     e["vocab"] = error_of(lambda: sh.check_split("embed", (385, 64), sh.spec(("vocab", "embed")), fj.make_mesh(tp=2)))
+    if args.qwen3_moe:  # 8 experts over 3 devices; 32 expert FFN units (moe_intermediate_size) over 3
+        e["moe_experts"] = error_of(lambda: load(args.qwen3_moe, mesh=fj.make_mesh(ep=3)))
+        e["moe_ffn"] = error_of(lambda: load(args.qwen3_moe, mesh=fj.make_mesh(tp=3)))
     json.dump(results, sys.stdout)
 
 

@@ -3,7 +3,8 @@
 The sharded checks need several devices, which jax only fakes on the CPU when
 XLA_FLAGS=--xla_force_host_platform_device_count=8 is set before it starts: they run once, in a
 subprocess (tests/sharding_checks.py), over tiny random Llama (GQA: 4 heads, 2 kv heads, so tp=4
-replicates kv heads) and Gemma 3 checkpoints and a Q8_0 Llama GGUF built here; the tests below
+replicates kv heads), Gemma 3, Qwen3-MoE and Qwen2-MoE (8 experts; expert parallel) checkpoints
+and a Q8_0 Llama GGUF built here; the tests below
 assert on its JSON. The rest runs in this (1-device) process: the tensor-parallel layout itself
 (kv head replication, q/k/v fused per shard) on one device, the rule table, the CLI flags.
 """
@@ -35,26 +36,31 @@ HERE = Path(__file__).resolve().parent
 # of the reference, 6-20 for these models): measured 4e-6 .. 1.1e-5 absolute.
 LOGIT_RTOL = 1e-5
 MESHES = ("tp2", "tp4", "dp2", "tp2xdp2", "tp4xdp2")
+MOE_MESHES = {"ep2": (1, 1, 2), "ep4": (1, 1, 4), "tp2": (2, 1, 1), "ep2xdp2": (1, 2, 2), "tp2xep2": (2, 1, 2)}
+MOE_CASES = [f"qwen3-moe-{m}" for m in MOE_MESHES] + ["qwen2-moe-tp2xep4", "qwen2-moe-ep2xdp2-shard_model"]
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sharding")
     from test_gguf_loading import convert, llama3 as gguf_llama3, write_gguf
+    from test_moe import BUILDERS as MOE_BUILDERS
 
     arch, hf = gguf_llama3()
     meta, tensors = convert(hf, arch)
     gguf_path = root / "llama-q8_0.gguf"
     write_gguf(gguf_path, arch, meta, tensors, lambda name, shape: "Q8_0" if len(shape) == 2 else "F32")
     return {"llama": build("llama3", root / "llama3")[0], "gemma": build("gemma3", root / "gemma3")[0],
-            "gguf": gguf_path}
+            "gguf": gguf_path, "qwen3-moe": MOE_BUILDERS["qwen3-moe"](root / "qwen3-moe")[0],
+            "qwen2-moe": MOE_BUILDERS["qwen2-moe-shared"](root / "qwen2-moe")[0]}
 
 
 @pytest.fixture(scope="module")
 def results(checkpoints) -> dict:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, str(HERE / "sharding_checks.py"), "--llama", str(checkpoints["llama"]),
-                           "--gemma", str(checkpoints["gemma"]), "--gguf", str(checkpoints["gguf"])],
+                           "--gemma", str(checkpoints["gemma"]), "--gguf", str(checkpoints["gguf"]),
+                           "--qwen3-moe", str(checkpoints["qwen3-moe"]), "--qwen2-moe", str(checkpoints["qwen2-moe"])],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout)
@@ -65,7 +71,7 @@ def results(checkpoints) -> dict:
 
 @pytest.mark.parametrize("case", [f"{f}-{m}" for f in ("llama", "gemma3") for m in MESHES]
                          + ["llama-tp4-shard_model", "gemma3-tp4-shard_model", "gguf-dequantized-tp2xdp2",
-                            "gguf-packed-tp2xdp2"])
+                            "gguf-packed-tp2xdp2"] + MOE_CASES)
 def test_sharded_generation_matches_single_device(results, case):
     r = results["cases"][case]
     assert r["tokens_equal"], f"{case}: greedy tokens differ: {r['tokens']}"
@@ -124,6 +130,47 @@ def test_errors_name_the_tensor_and_mesh_axis(results):
     assert "needs 16 devices" in e["devices"]
     assert "expert parallel needs an MoE model" in e["expert"]
     assert "CheckpointError" in e["vocab"] and "'embed'" in e["vocab"] and "'model'" in e["vocab"]
+
+
+@pytest.mark.parametrize("mesh", list(MOE_MESHES))
+def test_moe_each_device_holds_its_experts(results, mesh):
+    """Expert parallel: device (d, e, t) of the (data, expert, model) mesh holds experts
+    [e*E/ep, (e+1)*E/ep) of every stack and (tp > 1) its 1/tp of their FFN dim; the router and the
+    attention / dense parts keep their layouts (replicated over "expert")."""
+    r = results["cases"][f"qwen3-moe-{mesh}"]
+    tp, dp, ep = MOE_MESHES[mesh]
+    per_device = list(r["device_bytes"].values())
+    assert len(per_device) == tp * dp * ep and per_device == [r["expected_device_bytes"]] * (tp * dp * ep)
+    n = 8 // ep
+    assert r["experts"] == {str(i): [(i // tp) % ep * n, ((i // tp) % ep + 1) * n] for i in range(tp * dp * ep)}
+    shapes = r["shapes"]
+    e, f, h = shapes["layers.0.mlp.gate"]["global"]
+    assert (e, f) == (8, 32)
+    assert shapes["layers.0.mlp.gate"]["shards"] == [[n, f // tp, h]]
+    assert shapes["layers.0.mlp.up"]["shards"] == [[n, f // tp, h]]
+    assert shapes["layers.0.mlp.down"]["shards"] == [[n, h, f // tp]]
+    assert shapes["layers.0.mlp.router"]["shards"] == [[8, h]]  # routing replicated
+    if ep > 1 and tp == 1 and dp == 1:  # the expert stacks dominate: per-device bytes shrink with ep
+        assert per_device[0] < results["qwen3-moe"]["total_bytes"] * (0.75 if ep == 2 else 0.5)
+
+
+def test_moe_errors_name_the_field_and_mesh_axis(results):
+    e = results["errors"]
+    assert "ConfigError" in e["moe_experts"] and "num_experts=8" in e["moe_experts"], e["moe_experts"]
+    assert "'expert' of size 3" in e["moe_experts"]
+    assert "moe_intermediate_size=32" in e["moe_ffn"] and "'model' of size 3" in e["moe_ffn"], e["moe_ffn"]
+
+
+def test_moe_stack_axes():
+    """Expert stacks (3-D gate/up/down) split experts over "expert" and their FFN dim over "model";
+    a dense Mlp's 2-D gate/up/down keep the Megatron layout; the router is replicated."""
+    gk = jax.tree_util.GetAttrKey
+    stack, mat = jax.ShapeDtypeStruct((8, 32, 64), jnp.float32), jax.ShapeDtypeStruct((32, 64), jnp.float32)
+    P = jax.sharding.PartitionSpec
+    assert sh.spec(sh.logical_axes((gk("mlp"), gk("gate")), stack)) == P("expert", "model", None)
+    assert sh.spec(sh.logical_axes((gk("mlp"), gk("down")), stack)) == P("expert", None, "model")
+    assert sh.spec(sh.logical_axes((gk("mlp"), gk("gate")), mat)) == P("model", None)
+    assert sh.spec(sh.logical_axes((gk("mlp"), gk("router")), mat)) == P(None, None)
 
 
 # --- the layout, on one device -------------------------------------------------------------------

@@ -164,7 +164,58 @@ class Concat:
         return out
 
 
-SOURCE = (SafetensorsTensor, GGUFTensor, Rows, Concat)
+@dataclasses.dataclass(eq=False)
+class Stack:
+    """Per-expert sources [out, in] stacked along a new leading expert axis ([experts, out, in]),
+    dense only. `block` reads just the experts (and rows) of one device's slice: a device of an
+    expert-parallel mesh opens only its own experts' tensors."""
+    parts: list
+
+    packed = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.parts), *self.parts[0].shape)
+
+    logical_shape = shape
+
+    @property
+    def target(self) -> np.dtype:
+        return self.parts[0].target
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        return self.block((idx,))
+
+    def block(self, index: tuple) -> np.ndarray:
+        """The slice `index` (per dim: slices, or an index array for the experts) as numpy."""
+        experts = np.arange(len(self.parts))[index[0]]
+        inner = (index + (slice(None),) * 3)[1:3]
+        n = self.parts[0].shape[0]
+        out = [self.parts[e].rows(np.arange(n)[inner[0]])[:, inner[1]] for e in experts]
+        return np.stack(out) if out else np.empty((0, *self.shape[1:]), self.target)
+
+
+def stack_experts(cfg: Any, sources: dict[str, Any]) -> None:
+    """Add the MoE layers' stacked expert sources (`models.moe.stack_names`) to `sources`, built from
+    the checkpoint's per-expert tensors, so that `build_weights` takes them as they are."""
+    from models import moe
+
+    if not getattr(cfg, "num_experts", 0):
+        return
+    for i, sparse in enumerate(cfg.sparse):
+        p = f"model.layers.{i}."
+        if not sparse or moe.stack_names(cfg, p)[0] in sources:
+            continue
+        per_expert = [moe._expert_names(cfg, p, e) for e in range(cfg.num_experts)]
+        for j, name in enumerate(moe.stack_names(cfg, p)):
+            parts = [sources[n[j]] for n in per_expert]
+            if any(x.packed for x in parts) or len({x.target for x in parts}) > 1:
+                raise ConfigError(f"{name}: the experts of one projection must be dense of one dtype to load "
+                                  "onto a mesh")
+            sources[name] = Stack(parts)
+
+
+SOURCE = (SafetensorsTensor, GGUFTensor, Rows, Concat, Stack)
 SOURCE_ROWS = sh.RowOps(take=Rows, concat=Concat,
                         fusable=lambda *xs: all(x.packed is None for x in xs) and len({x.target for x in xs}) == 1)
 
@@ -194,7 +245,10 @@ def place(name: str, src: Any, axes: tuple[str, ...], mesh: Mesh) -> jax.Array |
     def read(index: tuple) -> np.ndarray:
         key = tuple((s.start, s.stop, s.step) for s in index)
         if key not in memo:  # devices that replicate a slice share one read
-            memo[key] = src.rows(np.arange(n)[index[0]])[(slice(None), *index[1:])]
+            if isinstance(src, Stack):  # only this device's experts (and rows) are read
+                memo[key] = src.block(index)
+            else:
+                memo[key] = src.rows(np.arange(n)[index[0]])[(slice(None), *index[1:])]
         return memo[key]
 
     arr = jax.make_array_from_callback(src.shape, sharding, read)
@@ -249,6 +303,7 @@ def load_safetensors_sharded(model_dir: str | Path, cfg: Any, mesh: Mesh, *, dty
         files = _Files(stack)
         sources = {i.name: SafetensorsTensor(i.name, i.file, i.shape, target, files) for i in infos
                    if i.dtype in SUPPORTED_DTYPES}
+        stack_experts(cfg, sources)
         weights = sh.arrange(family.build_weights(cfg, sources), cfg, sh.axis_size(mesh, "model"), SOURCE_ROWS)
         return sharded_cfg, place_all(weights, mesh, str(model_dir), progress)
 
@@ -261,6 +316,10 @@ def load_gguf_sharded(path: str | Path, mesh: Mesh, *, dtype: Any, dequantize: b
     meta = gg.read_metadata(path)
     cfg = gg.read_config(meta)
     sharded_cfg = sh.sharded_config(cfg, mesh)
+    if getattr(cfg, "num_experts", 0):
+        raise ConfigError(f"{path}: GGUF MoE files ({cfg.architecture}) do not load onto a mesh yet; load it "
+                          "without a mesh (dequantize=True) and shard it with ferrum_jax.shard_model, or use "
+                          "the HF safetensors checkpoint")
     if dequantize is None:
         dequantize = mesh.devices.flat[0].platform == "cpu"
     target = np.dtype(jnp.dtype(dtype))

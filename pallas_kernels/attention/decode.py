@@ -280,21 +280,32 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
     if quantized:
         in_specs += [pl.BlockSpec((None, None, slots), lambda i, j, s: (i, j, 0))] * 2
         args += [k_scale, v_scale]
+    return split_call(kernel, in_specs, args, cfg=cfg, group=g, out_shape=(b, kvh, gp, dv), out_dtype=q.dtype,
+                      name="decode_attention", interpret=interpret)
+
+
+def split_call(kernel, in_specs: list, args: list, *, cfg: DecodeConfig, group: int, out_shape: tuple[int, ...],
+               out_dtype, name: str, interpret: bool) -> jax.Array:
+    """Run a flash-decoding kernel over grid (batch, kv heads, splits), each program writing its
+    split's partials (unnormalized out [Gp, Dv], running max and sum [Gp]), then merge the splits
+    -> [batch, 1, kv_heads * group, Dv] in `out_dtype`. Shared by the contiguous and paged kernels."""
+    b, kvh, gp, dv = out_shape
+    splits = cfg.num_splits
     o, m, l = pl.pallas_call(
         kernel,
-        grid=(b, kvh, cfg.num_splits),
+        grid=(b, kvh, splits),
         in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, None, None, gp, dv), lambda i, j, s: (i, j, s, 0, 0)),
                    pl.BlockSpec((None, None, None, gp), lambda i, j, s: (i, j, s, 0)),
                    pl.BlockSpec((None, None, None, gp), lambda i, j, s: (i, j, s, 0))],
-        out_shape=[jax.ShapeDtypeStruct((b, kvh, cfg.num_splits, gp, dv), jnp.float32),
-                   jax.ShapeDtypeStruct((b, kvh, cfg.num_splits, gp), jnp.float32),
-                   jax.ShapeDtypeStruct((b, kvh, cfg.num_splits, gp), jnp.float32)],
+        out_shape=[jax.ShapeDtypeStruct((b, kvh, splits, gp, dv), jnp.float32),
+                   jax.ShapeDtypeStruct((b, kvh, splits, gp), jnp.float32),
+                   jax.ShapeDtypeStruct((b, kvh, splits, gp), jnp.float32)],
         interpret=interpret,
-        name="decode_attention",
+        name=name,
         **triton_params(cfg.num_warps, cfg.num_stages, interpret),
     )(*args)
-    return combine(o, m, l, g).reshape(b, 1, h, dv).astype(q.dtype)
+    return combine(o, m, l, group).reshape(b, 1, kvh * group, dv).astype(out_dtype)
 
 
 def choose_config(batch: int, kv_heads: int, slots: int, head_dim: int, cache_dtype, block_k: int | None = None,

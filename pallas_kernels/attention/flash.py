@@ -88,10 +88,10 @@ def reference(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, 
                           k_scale=k_scale, v_scale=v_scale)
 
 
-def unsupported(q, k, v, q_positions, *, scale=1.0, window=None, softcap=None, k_scale=None,
-                v_scale=None) -> str | None:
-    """None when the kernel takes these arguments, else why not (shapes, dtypes, options)."""
-    for name, a in {"q": q, "k": k, "v": v, "q_positions": q_positions}.items():
+def shape_problem(q, k, v) -> str | None:
+    """None when q [B, T, H, D] and k, v [B, KVH, S, D] fit together (GQA, non-empty), else why not.
+    Shared with the Hopper kernel."""
+    for name, a in {"q": q, "k": k, "v": v}.items():
         if not hasattr(a, "shape") or not hasattr(a, "dtype"):
             return f"{name} is a {type(a).__name__}, not an array"
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
@@ -108,6 +108,30 @@ def unsupported(q, k, v, q_positions, *, scale=1.0, window=None, softcap=None, k
         return f"empty input: {t} queries, {s} cache slots"
     if d not in HEAD_DIMS:
         return f"head_dim {d} is not one of {HEAD_DIMS}"
+    return None
+
+
+def option_problem(scale, window, softcap) -> str | None:
+    """scale, window and softcap are compiled into the kernel: they must be Python numbers."""
+    if not isinstance(scale, numbers.Real):
+        return f"scale must be a Python number, got {type(scale).__name__}"
+    if window is not None and (not isinstance(window, numbers.Integral) or window < 1):
+        return f"window must be a positive int, got {window!r}"
+    if softcap is not None and (not isinstance(softcap, numbers.Real) or not softcap > 0):
+        return f"softcap must be a positive number, got {softcap!r}"
+    return None
+
+
+def unsupported(q, k, v, q_positions, *, scale=1.0, window=None, softcap=None, k_scale=None,
+                v_scale=None) -> str | None:
+    """None when the kernel takes these arguments, else why not (shapes, dtypes, options)."""
+    problem = shape_problem(q, k, v)
+    if problem is not None:
+        return problem
+    if not hasattr(q_positions, "shape") or not hasattr(q_positions, "dtype"):
+        return f"q_positions is a {type(q_positions).__name__}, not an array"
+    b, t = q.shape[:2]
+    kvh, s = k.shape[1], k.shape[2]
     if jnp.dtype(q.dtype) not in DTYPES:
         return f"q dtype {q.dtype} is not one of bfloat16, float16, float32"
     if q_positions.shape != (b, t) or q_positions.dtype != jnp.int32:
@@ -123,14 +147,7 @@ def unsupported(q, k, v, q_positions, *, scale=1.0, window=None, softcap=None, k
         for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
             if sc.shape != (b, kvh, s) or sc.dtype != jnp.float32:
                 return f"{name} must be float32 [{b}, {kvh}, {s}], got {sc.dtype} {sc.shape}"
-    # scale, window and softcap are compiled into the kernel: they must be Python numbers.
-    if not isinstance(scale, numbers.Real):
-        return f"scale must be a Python number, got {type(scale).__name__}"
-    if window is not None and (not isinstance(window, numbers.Integral) or window < 1):
-        return f"window must be a positive int, got {window!r}"
-    if softcap is not None and (not isinstance(softcap, numbers.Real) or not softcap > 0):
-        return f"softcap must be a positive number, got {softcap!r}"
-    return None
+    return option_problem(scale, window, softcap)
 
 
 def _check_config(config: FlashConfig) -> None:

@@ -40,13 +40,14 @@ import dataclasses
 import functools
 import importlib
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+
+from pallas_kernels.attention.flash import option_problem, shape_problem
 
 LOG2E = math.log2(math.e)
 # Finite, so a row whose scores so far are all masked (-inf) gets exp2(-inf - M_INIT) = 0, not NaN.
@@ -146,32 +147,14 @@ def config_error(head_dim: int, dtype, config: HopperConfig) -> str | None:
 
 def unsupported(q, k, v, *, scale=1.0, window=None, softcap=None) -> str | None:
     """None when the kernel takes these arguments (shapes, dtypes, options), else why not."""
-    for name, a in {"q": q, "k": k, "v": v}.items():
-        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
-            return f"{name} is a {type(a).__name__}, not an array"
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        return f"q must be [B, T, H, D] and k, v [B, KVH, S, D]; got q {q.shape}, k {k.shape}, v {v.shape}"
-    b, t, h, d = q.shape
-    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
-        return f"k {k.shape} / v {v.shape} do not match q {q.shape}"
-    kvh, s = k.shape[1], k.shape[2]
-    if kvh == 0 or h % kvh:
-        return f"{h} query heads do not group over {kvh} kv heads"
-    if t == 0 or s == 0:
-        return f"empty input: {t} queries, {s} cache slots"
-    if d not in HEAD_DIMS:
-        return f"head_dim {d} is not one of {HEAD_DIMS}"
+    problem = shape_problem(q, k, v)
+    if problem is not None:
+        return problem
     if jnp.dtype(q.dtype) not in DTYPES:
         return f"dtype {q.dtype} is not bfloat16 or float16"
     if k.dtype != q.dtype or v.dtype != q.dtype:
         return f"k / v dtype {k.dtype} / {v.dtype} differ from q's {q.dtype} (quantized caches: not here)"
-    if not isinstance(scale, numbers.Real):
-        return f"scale must be a Python number, got {type(scale).__name__}"
-    if window is not None and (not isinstance(window, numbers.Integral) or window < 1):
-        return f"window must be a positive int, got {window!r}"
-    if softcap is not None and (not isinstance(softcap, numbers.Real) or not softcap > 0):
-        return f"softcap must be a positive number, got {softcap!r}"
-    return None
+    return option_problem(scale, window, softcap)
 
 
 @functools.cache

@@ -31,15 +31,14 @@ from pallas_kernels.attention.decode import (
     DecodeConfig,
     attend_tile,
     check_inputs,
-    combine,
     default_block,
     default_stages,
+    split_call,
     default_splits,
     group_queries,
     init_state,
     masked_load,
     store_partials,
-    triton_params,
     visible_blocks,
 )
 
@@ -150,21 +149,8 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     if quantized:
         in_specs += [pl.BlockSpec((num_pages, None, ps), lambda i, j, s: (0, j, 0))] * 2
         args += [k_scale, v_scale]
-    o, m, l = pl.pallas_call(
-        kernel,
-        grid=(b, kvh, cfg.num_splits),
-        in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, None, None, gp, dv), lambda i, j, s: (i, j, s, 0, 0)),
-                   pl.BlockSpec((None, None, None, gp), lambda i, j, s: (i, j, s, 0)),
-                   pl.BlockSpec((None, None, None, gp), lambda i, j, s: (i, j, s, 0))],
-        out_shape=[jax.ShapeDtypeStruct((b, kvh, cfg.num_splits, gp, dv), jnp.float32),
-                   jax.ShapeDtypeStruct((b, kvh, cfg.num_splits, gp), jnp.float32),
-                   jax.ShapeDtypeStruct((b, kvh, cfg.num_splits, gp), jnp.float32)],
-        interpret=interpret,
-        name="paged_decode_attention",
-        **triton_params(cfg.num_warps, cfg.num_stages, interpret),
-    )(*args)
-    return combine(o, m, l, g).reshape(b, 1, h, dv).astype(q.dtype)
+    return split_call(kernel, in_specs, args, cfg=cfg, group=g, out_shape=(b, kvh, gp, dv), out_dtype=q.dtype,
+                      name="paged_decode_attention", interpret=interpret)
 
 
 def reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
