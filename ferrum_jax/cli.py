@@ -115,18 +115,16 @@ def _check(args: argparse.Namespace) -> None:
     if args.max_tokens < 1:
         raise FerrumError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     kv_cache = _kv_cache(args)
-    if args.tp * args.dp > 1 and not kv_cache.is_default:
-        raise ConfigError(f"--kv-cache {args.kv_cache} --kv-dtype {args.kv_dtype}: a sharded model (--tp / --dp) "
+    if args.tp * args.dp * args.ep > 1 and not kv_cache.is_default:
+        raise ConfigError(f"--kv-cache {args.kv_cache} --kv-dtype {args.kv_dtype}: a sharded model (--tp/--dp/--ep) "
                           "runs only the contiguous cache in the model's dtype (--kv-cache contiguous --kv-dtype auto)")
 
 
 def _load(args: argparse.Namespace) -> Model:
     _check(args)
     enable_persistent_cache(None if args.compile_cache.lower() in ("none", "off", "") else args.compile_cache)
-    if args.ep > 1:  # dense families have no experts to split; the MoE family has no expert-stack layout yet
-        raise FerrumError(f"expert parallel (--ep {args.ep}) is not supported yet: dense models have no experts "
-                          "to split and MoE models run on one device for now (use --tp / --dp for dense models)")
-    mesh = make_mesh(tp=args.tp, dp=args.dp) if args.tp * args.dp > 1 else None
+    # --ep on a dense model: sharding.check_mesh raises "expert parallel needs an MoE model" before any read
+    mesh = make_mesh(tp=args.tp, dp=args.dp, ep=args.ep) if args.tp * args.dp * args.ep > 1 else None
     return load(args.model, dtype=args.dtype, progress=sys.stderr.isatty(), mesh=mesh)
 
 

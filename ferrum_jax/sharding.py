@@ -1,5 +1,5 @@
 """Sharded runs over a device `Mesh`: Megatron tensor parallel, data parallel over the batch, and (for
-MoE families, once they exist) expert parallel. One host or many (`jax.distributed`).
+MoE families) expert parallel. One host or many (`jax.distributed`).
 
 Mesh axes (`make_mesh`), outermost first:
   "data"    data parallel: the batch rows (and the KV cache's batch dim) are split; weights replicated
@@ -20,6 +20,15 @@ field name), and so has the KV cache (`CACHE_AXES`); `RULES` maps each logical n
   down            [embed, mlp]       row-parallel: one all-reduce
   norms, bo       [embed]            replicated
   KV cache        [batch, kv_heads, seq, head_dim]: rows over "data", kv heads over "model"
+  MoE stacks      gate, up [experts, expert_mlp, embed], down [experts, embed, expert_mlp]:
+                  experts over "expert", expert_mlp over "model" (`STACK_AXES`); router replicated
+
+Mixture of experts. `sharded_config` puts the mesh into the MoE config; `models.moe.moe_block` then
+routes replicated (every device: router logits and top-k of its rows) and `moe_experts_sharded`
+runs each device's experts [e*E/ep, (e+1)*E/ep) on its slice of the expert FFN dim in a shard_map
+(`ops.moe_experts(..., expert_offset=first local expert)`: slots routed elsewhere add zero), then
+one psum over ("expert", "model"). Attention, dense MLPs, embeddings and the cache keep the layouts
+above and are replicated over "expert" (each expert group computes the same attention).
 
 The arrays carry their `NamedSharding`s and prefill/decode are jitted with the cache's and decode
 state's shardings as outputs (`ferrum_jax.generate`); XLA's GSPMD partitioner derives the rest from

@@ -315,8 +315,11 @@ def test_greedy_generation_matches_hf(name, checkpoints):
         print(f"\n[moe parity] {name:18s} generate: {len(set(want))} distinct of {len(want)} tokens")
 
 
-def test_mesh_is_refused(checkpoints):
-    """No mesh layout for the expert stacks yet: a clear error before anything is read."""
+def test_one_device_mesh_matches_unsharded(checkpoints):
+    """A 1-device mesh runs the sharded MoE path (shard_map, psum over size-1 axes): same logits.
+    The multi-device expert/tensor parallel checks are in tests/test_sharding.py."""
     path, _, _ = checkpoints("mixtral-swa")
-    with pytest.raises(ConfigError, match="MoE models do not run sharded yet"):
-        ferrum_jax.load(path, dtype="float32", progress=False, mesh=ferrum_jax.make_mesh())
+    ids = _prompt(3, 12)
+    ref = ferrum_jax.logits(ferrum_jax.load(path, dtype="float32", progress=False), ids)
+    got = ferrum_jax.logits(ferrum_jax.load(path, dtype="float32", progress=False, mesh=ferrum_jax.make_mesh()), ids)
+    np.testing.assert_allclose(got, ref, atol=1e-5 * max(1.0, np.abs(ref).max()))
