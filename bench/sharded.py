@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 import models  # noqa: E402
 from ferrum_jax import sharding as sh  # noqa: E402
-from ferrum_jax.backend import DEFAULT_OPS  # noqa: E402
+from ferrum_jax.backend import Ops  # noqa: E402
 from ferrum_jax.bench.ceilings import device_ceilings  # noqa: E402
 from ferrum_jax.bench.sweeps import host_state  # noqa: E402
 from ferrum_jax.compile_log import count_compiles  # noqa: E402
@@ -104,7 +104,7 @@ def bench_decode(weights: Any, cfg: Any, mesh: Mesh, *, batch: int, context: int
         state = _state(mesh, batch, capacity, cfg.vocab_size, context)
         with count_compiles() as log:
             start = time.perf_counter()
-            state, cache = decode(weights, cache, state, params, n, cfg=cfg, ops=DEFAULT_OPS)
+            state, cache = decode(weights, cache, state, params, n, cfg=cfg, ops=Ops(sharded=True))
             jax.block_until_ready((state, cache))
             seconds = time.perf_counter() - start
         compiles.append(log.compiles)

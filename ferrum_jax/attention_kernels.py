@@ -52,5 +52,7 @@ def _hopper_applies(q: Any, k: Any, v: Any, q_positions: Any, *, scale: float, w
 
 # Registration order is preference: the Hopper kernel ahead of cuDNN (measured faster), the Triton one after.
 register("attention", Impl("pallas_flash_hopper", flash_hopper.hopper_prefill, platforms=frozenset({"gpu"}),
+                           partitionable=False,
                            applies=_hopper_applies), before="cudnn")
-register("attention", Impl("pallas_flash", flash_prefill, platforms=frozenset({"gpu"}), applies=_flash_applies))
+register("attention", Impl("pallas_flash", flash_prefill, platforms=frozenset({"gpu"}),
+                           partitionable=False, applies=_flash_applies))

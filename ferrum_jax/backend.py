@@ -34,6 +34,9 @@ class Impl:
     platforms: frozenset[str] | None = None  # None: any platform
     applies: AppliesFn | None = None
     reference: bool = False  # the pure-jnp reference: tried last, applies everywhere
+    # False for a Pallas call: GSPMD cannot partition it (it would gather every operand onto each
+    # device), so `Ops(sharded=True)` skips it; inside shard_map (local shards) it runs as usual.
+    partitionable: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,10 +99,13 @@ class Ops:
     platform: where the program runs ("cpu", "gpu", "tpu", "METAL"); None means jax's default backend.
     force: ((op, implementation), ...) pins an op to a named implementation, e.g.
         Ops(force=(("attention", "xla"),)) to compare a kernel against the reference.
+    sharded: the program runs on a mesh through GSPMD (a sharded model's ops): implementations
+        that are not `partitionable` are skipped (code inside a shard_map uses sharded=False).
     """
 
     platform: str | None = None
     force: tuple[tuple[str, str], ...] = ()
+    sharded: bool = False  # operands sharded over a mesh by GSPMD: Pallas calls are skipped
 
     def __post_init__(self) -> None:
         for op, name in self.force:
@@ -119,6 +125,8 @@ class Ops:
             if impl.platforms is not None and platform not in impl.platforms:
                 raise ValueError(f"{op}: forced implementation {forced!r} does not run on {platform}")
             reason = impl.applies(*args, **kwargs) if impl.applies else None
+            if reason is None and self.sharded and not impl.partitionable:
+                reason = "operands are sharded over a mesh (a Pallas call runs inside shard_map only)"
             if reason is not None:
                 raise ValueError(f"{op}: forced implementation {forced!r} does not apply: {reason}")
             skipped = tuple((i.name, f"forced {forced}") for i in _TABLE[op] if i is not impl)
@@ -127,6 +135,9 @@ class Ops:
         for impl in _TABLE[op]:
             if impl.platforms is not None and platform not in impl.platforms:
                 skipped.append((impl.name, f"not on {platform}"))
+                continue
+            if self.sharded and not impl.partitionable:
+                skipped.append((impl.name, "operands are sharded over a mesh (a Pallas call runs inside shard_map only)"))
                 continue
             reason = impl.applies(*args, **kwargs) if impl.applies else None
             if reason is not None:

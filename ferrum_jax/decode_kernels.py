@@ -58,7 +58,8 @@ def _paged_applies(q: Any, k_pages: Any, v_pages: Any, page_table: Any, q_positi
             or _too_large(q, k_pages, v_pages))
 
 
-register("decode_attention", Impl("pallas_decode", pallas_decode, platforms=frozenset({"gpu"}),
+register("decode_attention", Impl("pallas_decode", pallas_decode, platforms=frozenset({"gpu"}), partitionable=False,
                                   applies=_decode_applies))
 register("paged_attention", Impl("pallas_paged_decode", pallas_paged_decode, platforms=frozenset({"gpu"}),
+                                 partitionable=False,
                                  applies=_paged_applies))

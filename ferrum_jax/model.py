@@ -40,6 +40,12 @@ class Model:
     load_seconds: float = 0.0
     mesh: jax.sharding.Mesh | None = None  # weights sharded over it (ferrum_jax.sharding), else one device
 
+    def __post_init__(self) -> None:
+        # GSPMD partitions the program of a sharded model: its ops skip the Pallas calls it cannot
+        # partition (those run inside shard_map, e.g. the MoE experts, with local shards).
+        if self.mesh is not None and not self.ops.sharded:
+            self.ops = dataclasses.replace(self.ops, sharded=True)
+
     @property
     def data_parallel(self) -> int:
         return 1 if self.mesh is None else int(self.mesh.shape["data"])

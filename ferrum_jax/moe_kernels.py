@@ -30,5 +30,5 @@ def grouped_experts(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate: ja
     return moe.moe_experts_pallas(x, ids, weights, w_gate, w_up, w_down, kind, expert_offset=expert_offset)
 
 
-register("moe_experts", Impl("pallas_grouped", grouped_experts, platforms=frozenset({"gpu"}),
+register("moe_experts", Impl("pallas_grouped", grouped_experts, platforms=frozenset({"gpu"}), partitionable=False,
                              applies=_grouped_applies))

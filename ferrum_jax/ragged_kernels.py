@@ -32,5 +32,6 @@ def pallas_ragged(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, num_seqs,
 
 
 register("ragged_paged_attention", Impl("pallas_ragged", pallas_ragged, platforms=frozenset({"gpu"}),
+                                        partitionable=False,
                                         applies=_pallas_applies))
 register("ragged_paged_attention", Impl("xla", ragged.reference, reference=True))

@@ -299,10 +299,12 @@ def moe_experts_sharded(mesh: Mesh, ops: Any, x: jax.Array, ids: jax.Array, weig
     if up is None and axis_size(mesh, "model") > 1:
         raise ConfigError("a fused [gate; up] expert stack cannot split over mesh axis 'model' (arrange unfuses it)")
 
+    local_ops = dataclasses.replace(ops, sharded=False)  # local shards: the Pallas kernels may run
+
     def local(x: jax.Array, ids: jax.Array, weights: jax.Array, *ws: jax.Array) -> jax.Array:
         g, u, d = ws if len(ws) == 3 else (ws[0], None, ws[1])
         offset = jax.lax.axis_index("expert") * local_experts
-        y = ops.moe_experts(x, ids, weights, g, u, d, kind, expert_offset=offset)
+        y = local_ops.moe_experts(x, ids, weights, g, u, d, kind, expert_offset=offset)
         return jax.lax.psum(y, ("expert", "model"))
 
     return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, *specs), out_specs=rows)(

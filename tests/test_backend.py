@@ -209,3 +209,25 @@ def test_rope_matches_transformers(case):
     want = _numpy_rope(x, positions, inv_ref, factor_ref)
     np.testing.assert_allclose(got[0], want[0], rtol=0, atol=2e-5)
     np.testing.assert_allclose(got[1], want[1], rtol=0, atol=5e-3)
+
+
+def test_sharded_ops_skip_pallas_calls():
+    """GSPMD cannot partition a Pallas call: a sharded model's ops take the next implementation
+    (and say why), forcing one is refused; unsharded ops on a GPU would take the kernel."""
+    (q, k, v, pos), kw = _attention_args(t=1, d=64)
+    impl, choice = Ops(platform="gpu").choose("decode_attention", q, k, v, pos, **kw)
+    assert impl.name == "pallas_decode"
+    impl, choice = Ops(platform="gpu", sharded=True).choose("decode_attention", q, k, v, pos, **kw)
+    assert impl.name == "xla" and "pallas_decode: operands are sharded over a mesh" in str(choice)
+    with pytest.raises(ValueError, match="sharded over a mesh"):
+        Ops(platform="gpu", sharded=True, force=(("decode_attention", "pallas_decode"),)).choose(
+            "decode_attention", q, k, v, pos, **kw)
+
+
+def test_model_on_a_mesh_gets_sharded_ops(tiny_model):
+    import dataclasses
+
+    import ferrum_jax as fj
+    assert not tiny_model.ops.sharded
+    sharded = dataclasses.replace(tiny_model, mesh=fj.make_mesh(tp=1))
+    assert sharded.ops.sharded

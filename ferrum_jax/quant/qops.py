@@ -93,8 +93,11 @@ def embed(tokens: jax.Array, table: QuantWeight) -> jax.Array:
     return rows.dequantize(table.compute_dtype).reshape(*tokens.shape, table.shape[1])
 
 
-register("linear", Impl("pallas_qmatmul_dp4a", dp4a_linear, platforms=frozenset({"gpu"}), applies=_dp4a_applies))
-register("linear", Impl("pallas_qmatmul", kernel_linear, platforms=frozenset({"gpu"}), applies=_kernel_applies))
-register("linear", Impl("pallas_dequant_matmul", dequant_linear, platforms=frozenset({"gpu"}), applies=_dequant_applies))
+register("linear", Impl("pallas_qmatmul_dp4a", dp4a_linear, platforms=frozenset({"gpu"}),
+                        partitionable=False, applies=_dp4a_applies))
+register("linear", Impl("pallas_qmatmul", kernel_linear, platforms=frozenset({"gpu"}),
+                        partitionable=False, applies=_kernel_applies))
+register("linear", Impl("pallas_dequant_matmul", dequant_linear, platforms=frozenset({"gpu"}),
+                        partitionable=False, applies=_dequant_applies))
 register("linear", Impl("xla_qweight", linear, applies=_qweight_only, reference=True))
 register("embed", Impl("xla_qweight", embed, applies=lambda tokens, table: _qweight_only(tokens, table), reference=True))
