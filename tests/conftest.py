@@ -110,3 +110,14 @@ def tiny_model(tiny_model_dir):
     import ferrum_jax
 
     return ferrum_jax.load(tiny_model_dir, dtype="float32", progress=False)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _fresh_compile_cache(tmp_path_factory):
+    """The CLI turns on JAX's persistent compilation cache (default ~/.cache/ferrum-jax/xla), and
+    tests call the CLI in-process: point it at a directory of this session, so programs left there
+    by other processes or jax builds are never read back (a stale entry can crash XLA on load)."""
+    import ferrum_jax.cli as cli
+
+    cli.DEFAULT_CACHE_DIR = tmp_path_factory.mktemp("xla-cache")
+    yield

@@ -373,7 +373,7 @@ def test_cli_paged_int8(tiny_model, tiny_model_dir, capsys):
 
 @pytest.mark.parametrize("flags,fragment", [
     (["--kv-cache", "paged", "--page-size", "24"], "--page-size=24 must be a power of two from 1 to 1024"),
-    (["--kv-cache", "paged", "--tp", "2"], "a sharded model (--tp / --dp) runs only the contiguous cache"),
+    (["--kv-cache", "paged", "--tp", "2"], "a sharded model (--tp/--dp/--ep) runs only the contiguous cache"),
     (["--kv-dtype", "int8", "--dp", "2"], "--kv-cache contiguous --kv-dtype int8: a sharded model"),
 ])
 def test_cli_bad_cache_flags(tiny_model_dir, capsys, flags, fragment):
