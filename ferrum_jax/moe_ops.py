@@ -48,6 +48,22 @@ def moe_route(x: jax.Array, router: jax.Array, *, top_k: int, norm_topk_prob: bo
     return weights, ids.astype(jnp.int32)
 
 
+def _local_slots(x: jax.Array, ids: jax.Array, weights: jax.Array, expert_offset, e: int
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Rows x [n, H] (float32 on the CPU: XLA's CPU runtime has no batched bf16 dot), each slot's
+    expert index in these stacks [n, k] (clipped) and its weight [n, k] (0 for a slot routed to an
+    expert outside [expert_offset, expert_offset + e): another shard's)."""
+    if jax.default_backend() == "cpu" and x.dtype != jnp.float32:
+        x = x.astype(jnp.float32)
+    k = ids.shape[-1]
+    xs = x.reshape(-1, x.shape[-1])
+    n = xs.shape[0]
+    local = ids.reshape(n, k) - expert_offset
+    mine = (local >= 0) & (local < e)
+    weights = jnp.where(mine, weights.reshape(n, k).astype(jnp.float32), 0.0)
+    return xs, jnp.clip(local, 0, e - 1), weights
+
+
 def moe_experts(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate: jax.Array, w_up: jax.Array | None,
                 w_down: jax.Array, kind: str, *, expert_offset: int | jax.Array = 0, ops) -> jax.Array:
     """The reference picks one of two plain formulations by the (static) number of routed rows:
@@ -61,18 +77,10 @@ def moe_experts(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate: jax.Ar
       exactly this masked dense product over all experts, with a sort and an unsort on top; the
       grouped version is the Pallas kernel's job, and this is its oracle.
     """
-    shape, h = x.shape, x.shape[-1]
-    out_dtype = x.dtype
-    if jax.default_backend() == "cpu" and x.dtype != jnp.float32:
-        x = x.astype(jnp.float32)  # XLA's CPU runtime has no batched bf16 dot (see ops.attention)
-    k = ids.shape[-1]
-    xs = x.reshape(-1, h)
-    n, e = xs.shape[0], w_gate.shape[0]
-    local = ids.reshape(n, k) - expert_offset
-    mine = (local >= 0) & (local < e)
-    weights = jnp.where(mine, weights.reshape(n, k).astype(jnp.float32), 0.0)
-    local = jnp.clip(local, 0, e - 1)
-    dt = x.dtype
+    shape, out_dtype = x.shape, x.dtype
+    e = w_gate.shape[0]
+    xs, local, weights = _local_slots(x, ids, weights, expert_offset, e)
+    n, k, dt = xs.shape[0], ids.shape[-1], xs.dtype
 
     def act_mul(g, u):
         return ops.activation(g, kind) * u
@@ -131,18 +139,10 @@ def moe_experts_packed(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate:
       (zero for rows that did not pick it); an expert no row picked is skipped (`lax.cond`). The
       dense weights alive at a time are one expert's, never the whole stack.
     """
-    shape, h = x.shape, x.shape[-1]
-    out_dtype = x.dtype
-    if jax.default_backend() == "cpu" and x.dtype != jnp.float32:
-        x = x.astype(jnp.float32)  # XLA's CPU runtime has no batched bf16 dot (see ops.attention)
-    k = ids.shape[-1]
-    xs = x.reshape(-1, h)
-    n, e = xs.shape[0], _num_experts(w_gate)
-    local = ids.reshape(n, k) - expert_offset
-    mine = (local >= 0) & (local < e)
-    weights = jnp.where(mine, weights.reshape(n, k).astype(jnp.float32), 0.0)
-    local = jnp.clip(local, 0, e - 1)
-    dt = x.dtype
+    shape, h, out_dtype = x.shape, x.shape[-1], x.dtype
+    e = _num_experts(w_gate)
+    xs, local, weights = _local_slots(x, ids, weights, expert_offset, e)
+    n, k, dt = xs.shape[0], ids.shape[-1], xs.dtype
 
     if n * k < e:
         g = jnp.einsum("nh,nkfh->nkf", xs, _dense(_take(w_gate, local), dt), preferred_element_type=jnp.float32)
