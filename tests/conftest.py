@@ -124,3 +124,14 @@ def _no_persistent_compile_cache():
 
     cli.DEFAULT_CACHE_DIR = "none"
     yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Each test module compiles its own programs (interpret-mode kernels are large): drop them
+    after the module, so one process running the whole suite does not keep every one alive."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
