@@ -132,6 +132,37 @@ def test_align_stable_sort_fallback(monkeypatch):
     _check_alignment(ids, 4, 16, 2)
 
 
+@pytest.mark.parametrize("t,offset,e_local", [(1, 0, E), (4, 0, E), (1, 2, 3), (1, 4, 4), (2, 8, 4), (1, -3, 8)])
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_align_unsorted(t, offset, e_local, block_m):
+    """The decode alignment: a block per local entry (local entries first, in entry order), no sort."""
+    ids, _ = _routing(np.random.default_rng(60 + t), t)
+    nk = ids.size
+    al = jax.jit(lambda i, o: moe.align_unsorted(i, num_experts=e_local, block_m=block_m, expert_offset=o))(
+        jnp.asarray(ids), jnp.int32(offset))
+    flat = ids.reshape(-1) - offset
+    local = (flat >= 0) & (flat < e_local)
+    nvb = int(al.num_valid_blocks[0])
+    sorted_ids = np.asarray(al.sorted_ids).reshape(nk, block_m)
+    assert al.max_blocks == nk == moe.max_blocks(nk, e_local, block_m) and nvb == local.sum()
+    np.testing.assert_array_equal(sorted_ids[:nvb, 0], np.flatnonzero(local))
+    assert (sorted_ids[:, 1:] == nk).all() and (sorted_ids[nvb:] == nk).all()
+    np.testing.assert_array_equal(np.asarray(al.expert_of_block)[:nvb], flat[local])
+    assert ((0 <= np.asarray(al.expert_of_block)) & (np.asarray(al.expert_of_block) < e_local)).all()
+    positions = np.asarray(al.positions)
+    np.testing.assert_array_equal(np.asarray(al.sorted_ids)[positions[local]], np.flatnonzero(local))
+    assert (positions[~local] == nk * block_m).all()
+
+
+def test_align_for_picks_by_batch():
+    one = jnp.asarray(_routing(np.random.default_rng(70), 1)[0])
+    many = jnp.asarray(_routing(np.random.default_rng(71), 17)[0])
+    assert int(moe.align_for(one, num_experts=E, block_m=16).num_valid_blocks[0]) == K  # one per entry
+    assert moe.align_for(many, num_experts=E, block_m=16).max_blocks == moe.max_blocks(17 * K, E, 16)
+    with pytest.raises(ValueError, match="T\\*k <= num_experts"):
+        moe.align_unsorted(many, num_experts=E, block_m=16)
+
+
 def test_align_bad_input():
     with pytest.raises(ValueError, match="block_m"):
         moe.align_block_size(jnp.zeros((2, 2), jnp.int32), num_experts=4, block_m=0)
@@ -236,6 +267,18 @@ def test_moe_experts_shards_sum_to_whole_with_traced_offset():
     assert _rel(total, _numpy_moe(x, ids, w, wg, wu, wd)) < 1e-5
     nobody = shard(jnp.int32(8), *(jnp.asarray(a[:4]) for a in (wg, wu, wd)))  # a shard no slot is routed to
     assert not np.asarray(nobody).any()
+
+
+@pytest.mark.parametrize("offset,e_local", [(0, 4), (4, 4), (2, 6)])
+def test_moe_experts_decode_expert_offset(offset, e_local):
+    """One token, one slot (T*k <= E_local / 4: the sort-free alignment) on an expert shard: a slot
+    routed to another shard adds nothing."""
+    rng = np.random.default_rng(52)
+    ids, w = _routing(rng, 1, k=1)
+    x = rng.standard_normal((1, H)).astype(np.float32)
+    wg, wu, wd = _stacks(rng)
+    sl = slice(offset, offset + e_local)
+    _compare(x, ids, w, wg[sl], wu[sl], wd[sl], offset=offset)
 
 
 def test_moe_experts_bf16():

@@ -1,6 +1,7 @@
 """Mixture-of-experts on GPU: routing alignment and grouped expert matmuls (Pallas, Triton lowering).
 
-    align.py           (token, slot) entries sorted by expert, padded per expert to block_m (jnp)
+    align.py           (token, slot) entries sorted by expert, padded per expert to block_m (jnp);
+                       one block per entry, no sort, for decode-sized batches
     grouped_matmul.py  gate+up with the activation epilogue, down with the routing weight in the
                        epilogue: one pallas_call each over (aligned blocks, output tiles)
 
@@ -21,7 +22,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.moe.align import Alignment, align_block_size, max_blocks
+from pallas_kernels.moe.align import Alignment, align_block_size, align_for, align_unsorted, max_blocks
 from pallas_kernels.moe.grouped_matmul import (
     KERNEL_ACTIVATIONS,
     Tiles,
@@ -32,7 +33,7 @@ from pallas_kernels.moe.grouped_matmul import (
     tiles_unsupported,
 )
 
-__all__ = ["KERNEL_ACTIVATIONS", "Alignment", "MoeConfig", "Tiles", "align_block_size", "choose_config", "down",
+__all__ = ["KERNEL_ACTIVATIONS", "Alignment", "MoeConfig", "Tiles", "align_block_size", "align_for", "align_unsorted", "choose_config", "down",
            "down_reference", "gate_up", "gate_up_reference", "max_blocks", "moe_experts_pallas", "unsupported"]
 
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -141,7 +142,7 @@ def _moe_experts(x, ids, weights, w_gate, w_up, w_down, expert_offset, *, kind: 
     shape, h, k = x.shape, x.shape[-1], ids.shape[-1]
     xs = x.reshape(-1, h)
     n = xs.shape[0]
-    align = align_block_size(ids.reshape(n, k), num_experts=w_gate.shape[0], block_m=config.block_m,
+    align = align_for(ids.reshape(n, k), num_experts=w_gate.shape[0], block_m=config.block_m,
                              expert_offset=expert_offset)
     flat_w = weights.reshape(n * k).astype(jnp.float32)
     is_entry = align.sorted_ids < n * k

@@ -20,6 +20,13 @@ nobody picked, and each picked expert's weights are read by one block.
 Expert parallel: only ids in [expert_offset, expert_offset + E) are kept (the local stack holds
 those E experts); the others get no position, so they contribute zero, as in the reference.
 
+Decode-sized batches (`align_for` picks it when T*k <= E / 4): `align_unsorted` gives every
+entry its own block (row 0 the entry, the rest padding) with no sort: a cumulative sum moves the
+local entries to the front. Top-k ids of one token are distinct, so at one token no expert is
+read twice; at a few tokens an expert two tokens share is read twice (a few percent of the bytes
+at T*k <= E/4) instead of paying the sort, scatters and prefix sums of the grouped alignment,
+a handful of tiny kernels per layer that cost more than those bytes at decode.
+
 Routing itself (softmax over E router logits, top k, renormalise) stays in jnp
 (`ferrum_jax.moe_ops.moe_route`): it is [T, E] elementwise work plus a top-k over E = 128 values
 per token, microseconds next to the expert matmuls (a decode step streams ~75 MB of expert
@@ -99,3 +106,38 @@ def align_block_size(ids: jax.Array, *, num_experts: int, block_m: int,
     expert_of_block = jnp.minimum(jnp.sum(block_end[None, :] <= blocks[:, None], axis=1, dtype=jnp.int32), e - 1)
     return Alignment(sorted_ids=sorted_ids, positions=positions, expert_of_block=expert_of_block,
                      num_valid_blocks=block_end[-1:], block_m=block_m, num_entries=nk)
+
+
+def align_unsorted(ids: jax.Array, *, num_experts: int, block_m: int,
+                   expert_offset: int | jax.Array = 0) -> Alignment:
+    """One block per entry of ids [T, k] (entries in flat order, local ones first), no sort: the
+    decode-sized alignment (see the module docstring). Same contract as `align_block_size`; its
+    static size is max_blocks(T*k, E, block_m) = T*k blocks when T*k <= E."""
+    if block_m < 1 or num_experts < 1:
+        raise ValueError(f"align_unsorted: block_m ({block_m}) and num_experts ({num_experts}) must be positive")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"align_unsorted: ids must be integers, got {ids.dtype}")
+    e, nk = num_experts, ids.size
+    if nk == 0 or nk > e:
+        raise ValueError(f"align_unsorted: needs 1 <= T*k <= num_experts, got {nk} entries for {e} experts")
+    local = ids.reshape(nk).astype(jnp.int32) - jnp.asarray(expert_offset, jnp.int32)
+    mine = (local >= 0) & (local < e)
+    num_mine = jnp.sum(mine, dtype=jnp.int32)
+    # Block of each entry: local entries first in entry order, then the others (never run).
+    block = jnp.where(mine, jnp.cumsum(mine) - 1, num_mine + jnp.cumsum(~mine) - 1).astype(jnp.int32)
+    entry = jnp.arange(nk, dtype=jnp.int32)
+    order = jnp.zeros((nk,), jnp.int32).at[block].set(entry)  # the entry of each block
+    sorted_ids = jnp.full((nk, block_m), nk, jnp.int32).at[:, 0].set(
+        jnp.where(jnp.arange(nk) < num_mine, order, nk)).reshape(nk * block_m)
+    positions = jnp.where(mine, block * block_m, nk * block_m)
+    expert_of_block = jnp.clip(jnp.take(local, order), 0, e - 1)
+    return Alignment(sorted_ids=sorted_ids, positions=positions, expert_of_block=expert_of_block,
+                     num_valid_blocks=num_mine[None], block_m=block_m, num_entries=nk)
+
+
+def align_for(ids: jax.Array, *, num_experts: int, block_m: int, expert_offset: int | jax.Array = 0) -> Alignment:
+    """The alignment the grouped kernels run on: `align_unsorted` for decode-sized batches
+    (T*k <= E / 4), else `align_block_size`."""
+    if ids.size * 4 <= num_experts:
+        return align_unsorted(ids, num_experts=num_experts, block_m=block_m, expert_offset=expert_offset)
+    return align_block_size(ids, num_experts=num_experts, block_m=block_m, expert_offset=expert_offset)
