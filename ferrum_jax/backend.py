@@ -9,6 +9,13 @@ Each op has an ordered list of implementations; the first one whose platform mat
 registered last for every op and always applies: it is the CPU path and the test oracle. A platform
 that lacks a kernel simply has no entry for it. Every choice is logged at DEBUG level (with the
 reason each faster entry was skipped) and appended to any active `record_dispatch()` log.
+
+On a mesh (`Ops(mesh=...)`, a sharded model's ops) the program is partitioned by GSPMD, which
+cannot partition a Pallas call (it would gather every operand onto each device). An op that needs
+no communication when each device holds its own shard (attention: whole heads per device) declares
+how its arrays split (`register_layout`); on a mesh it then runs inside `shard_map` on the local
+shards, where the choice among its implementations is made again on the local shapes, kernels
+included. Other ops skip the implementations that are not `partitionable`.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ class Impl:
     applies: AppliesFn | None = None
     reference: bool = False  # the pure-jnp reference: tried last, applies everywhere
     # False for a Pallas call: GSPMD cannot partition it (it would gather every operand onto each
-    # device), so `Ops(sharded=True)` skips it; inside shard_map (local shards) it runs as usual.
+    # device), so ops on a mesh skip it unless the op runs on local shards (`register_layout`).
     partitionable: bool = True
 
 
@@ -51,6 +58,9 @@ class Choice:
 
 
 _TABLE: dict[str, list[Impl]] = {}
+# op -> layout(mesh, *args, **kwargs) -> (specs of the positional args, {array kwarg: spec}, spec of the output)
+LayoutFn = Callable[..., tuple[tuple[Any, ...], dict[str, Any], Any]]
+_LAYOUTS: dict[str, LayoutFn] = {}
 _RECORDERS: list[list[Choice]] = []
 
 
@@ -65,6 +75,12 @@ def register(op: str, impl: Impl, *, before: str | None = None) -> None:
         raise ValueError(f"{op} has no implementation named {before!r} to register {impl.name!r} before")
     impls.insert(names.index(before) if before is not None else len(impls), impl)
     impls.sort(key=lambda i: i.reference)  # stable: keeps kernel order, moves the reference last
+
+
+def register_layout(op: str, layout: LayoutFn) -> None:
+    """Declare that `op` runs on local shards with no communication, split as `layout` says
+    (PartitionSpecs of its array arguments and output, given the mesh and the arguments)."""
+    _LAYOUTS[op] = layout
 
 
 def implementations(op: str) -> list[str]:
@@ -99,13 +115,18 @@ class Ops:
     platform: where the program runs ("cpu", "gpu", "tpu", "METAL"); None means jax's default backend.
     force: ((op, implementation), ...) pins an op to a named implementation, e.g.
         Ops(force=(("attention", "xla"),)) to compare a kernel against the reference.
-    sharded: the program runs on a mesh through GSPMD (a sharded model's ops): implementations
-        that are not `partitionable` are skipped (code inside a shard_map uses sharded=False).
+    mesh: the program runs on this device mesh through GSPMD (a sharded model's ops): ops with a
+        registered layout run inside shard_map on local shards (any implementation); the others
+        skip implementations that are not `partitionable`. Code inside a shard_map uses mesh=None.
     """
 
     platform: str | None = None
     force: tuple[tuple[str, str], ...] = ()
-    sharded: bool = False  # operands sharded over a mesh by GSPMD: Pallas calls are skipped
+    mesh: jax.sharding.Mesh | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.mesh is not None
 
     def __post_init__(self) -> None:
         for op, name in self.force:
@@ -147,12 +168,30 @@ class Ops:
         raise ValueError(f"{op}: no implementation applies ({skipped})")
 
     def call(self, op: str, *args: Any, **kwargs: Any) -> Any:
+        if self.mesh is not None and op in _LAYOUTS:
+            return self._call_on_shards(op, args, kwargs)
         impl, choice = self.choose(op, *args, **kwargs)
         if choice.skipped:
             log.debug("%s", choice)
         for rec in _RECORDERS:
             rec.append(choice)
         return impl.fn(*args, **kwargs)
+
+    def _call_on_shards(self, op: str, args: tuple, kwargs: dict) -> Any:
+        """`op` inside shard_map over self.mesh, split by its registered layout; the implementation
+        is chosen inside, on the local shards."""
+        arg_specs, kwarg_specs, out_spec = _LAYOUTS[op](self.mesh, *args, **kwargs)
+        names = [n for n in kwarg_specs if kwargs.get(n) is not None]
+        static = {n: v for n, v in kwargs.items() if n not in names}
+        local = dataclasses.replace(self, mesh=None)
+
+        def on_shard(*arrays: Any) -> Any:
+            return local.call(op, *arrays[:len(args)], **static, **dict(zip(names, arrays[len(args):])))
+
+        in_specs = (*arg_specs, *(kwarg_specs[n] for n in names))
+        # check_vma=False: a Pallas call's outputs carry no varying-axes type for the checker.
+        return jax.shard_map(on_shard, mesh=self.mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(
+            *args, *(kwargs[n] for n in names))
 
     # The op interface. Signatures and semantics are those of the references in ferrum_jax.ops.
     def embed(self, tokens, table):

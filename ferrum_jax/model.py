@@ -41,10 +41,10 @@ class Model:
     mesh: jax.sharding.Mesh | None = None  # weights sharded over it (ferrum_jax.sharding), else one device
 
     def __post_init__(self) -> None:
-        # GSPMD partitions the program of a sharded model: its ops skip the Pallas calls it cannot
-        # partition (those run inside shard_map, e.g. the MoE experts, with local shards).
-        if self.mesh is not None and not self.ops.sharded:
-            self.ops = dataclasses.replace(self.ops, sharded=True)
+        # GSPMD partitions the program of a sharded model: its ops know the mesh, so attention runs
+        # on local shards in shard_map (kernels included) and other Pallas calls are skipped.
+        if self.mesh is not None and self.ops.mesh is not self.mesh:
+            self.ops = dataclasses.replace(self.ops, mesh=self.mesh)
 
     @property
     def data_parallel(self) -> int:

@@ -35,7 +35,9 @@ state's shardings as outputs (`ferrum_jax.generate`); XLA's GSPMD partitioner de
 them: the column-parallel matmuls, attention and the cache writes run on local heads with no
 communication, the row-parallel o/down projections end in one all-reduce each, the embedding
 gather is a masked local gather plus an all-reduce, and the vocab-sharded logits are reduced across
-devices by the sampler.
+devices by the sampler. The attention ops are the exception: a sharded model's `Ops` carry the
+mesh and run them in a shard_map on local heads (`_attention_layout`), so the Pallas attention
+kernels run there on each device's shard (GSPMD would gather a Pallas call's operands).
 
 Fused projections. `load` stacks q/k/v rows into `wqkv` (and gate/up into `Mlp.gate`). A plain row
 split of [q; k; v] would give the first device all of q, so under tensor parallelism the rows are
@@ -66,6 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from ferrum_jax.backend import register_layout
 from ferrum_jax.cache import KVCache
 from ferrum_jax.errors import CheckpointError, ConfigError
 from ferrum_jax.quant.packed import GGUFWeight
@@ -299,7 +302,7 @@ def moe_experts_sharded(mesh: Mesh, ops: Any, x: jax.Array, ids: jax.Array, weig
     if up is None and axis_size(mesh, "model") > 1:
         raise ConfigError("a fused [gate; up] expert stack cannot split over mesh axis 'model' (arrange unfuses it)")
 
-    local_ops = dataclasses.replace(ops, sharded=False)  # local shards: the Pallas kernels may run
+    local_ops = dataclasses.replace(ops, mesh=None)  # local shards: the Pallas kernels may run
 
     def local(x: jax.Array, ids: jax.Array, weights: jax.Array, *ws: jax.Array) -> jax.Array:
         g, u, d = ws if len(ws) == 3 else (ws[0], None, ws[1])
@@ -307,8 +310,28 @@ def moe_experts_sharded(mesh: Mesh, ops: Any, x: jax.Array, ids: jax.Array, weig
         y = local_ops.moe_experts(x, ids, weights, g, u, d, kind, expert_offset=offset)
         return jax.lax.psum(y, ("expert", "model"))
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, *specs), out_specs=rows)(
+    # check_vma=False: the Pallas grouped kernel's outputs carry no varying-axes type for the checker.
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, *specs), out_specs=rows, check_vma=False)(
         x, ids, weights, *stacks)
+
+
+def _attention_layout(mesh: Mesh, q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
+                      **kwargs: Any) -> tuple[tuple, dict, PartitionSpec]:
+    """How the attention ops split: batch rows over "data", heads over "model" (q's heads and the
+    cache's kv heads together: each device holds whole query groups and their kv head, see the
+    module docstring), so attention needs no communication. A dim that does not divide stays whole."""
+    data = "data" if q.shape[0] % axis_size(mesh, "data") == 0 else None
+    tp = axis_size(mesh, "model")
+    model = "model" if q.shape[2] % tp == 0 and k.shape[1] % tp == 0 else None
+    qs = PartitionSpec(data, None, model, None)
+    kv = PartitionSpec(data, model, None, None)
+    scales = PartitionSpec(data, model, None)
+    return (qs, kv, kv, PartitionSpec(data, None)), {"k_scale": scales, "v_scale": scales}, qs
+
+
+# Attention on a mesh runs in shard_map on local heads, so its Pallas kernels run there too.
+register_layout("attention", _attention_layout)
+register_layout("decode_attention", _attention_layout)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -212,16 +213,37 @@ def test_rope_matches_transformers(case):
 
 
 def test_sharded_ops_skip_pallas_calls():
-    """GSPMD cannot partition a Pallas call: a sharded model's ops take the next implementation
+    """GSPMD cannot partition a Pallas call: ops on a mesh skip it for an op without a layout
     (and say why), forcing one is refused; unsharded ops on a GPU would take the kernel."""
-    (q, k, v, pos), kw = _attention_args(t=1, d=64)
-    impl, choice = Ops(platform="gpu").choose("decode_attention", q, k, v, pos, **kw)
-    assert impl.name == "pallas_decode"
-    impl, choice = Ops(platform="gpu", sharded=True).choose("decode_attention", q, k, v, pos, **kw)
-    assert impl.name == "xla" and "pallas_decode: operands are sharded over a mesh" in str(choice)
+    import ferrum_jax as fj
+    from ferrum_jax.quant.qweight import GGUF_FORMATS, QuantWeight
+    mesh = fj.make_mesh(tp=1)
+    rng = np.random.default_rng(0)
+    w = QuantWeight.from_codes(rng.integers(-127, 128, (64, 256)), np.ones((64, 8)), GGUF_FORMATS["Q8_0"])
+    x = jnp.ones((1, 256), jnp.float32)
+    assert Ops(platform="gpu").choose("linear", x, w)[0].name.startswith("pallas")
+    impl, choice = Ops(platform="gpu", mesh=mesh).choose("linear", x, w)
+    assert not impl.name.startswith("pallas") and "operands are sharded over a mesh" in str(choice)
+    forced = Ops(platform="gpu", mesh=mesh, force=(("linear", "pallas_qmatmul"),))
     with pytest.raises(ValueError, match="sharded over a mesh"):
-        Ops(platform="gpu", sharded=True, force=(("decode_attention", "pallas_decode"),)).choose(
-            "decode_attention", q, k, v, pos, **kw)
+        forced.choose("linear", x, w)
+
+
+def test_attention_on_a_mesh_runs_kernels_on_local_shards():
+    """Attention has a layout: on a mesh it runs in shard_map and picks the kernel on the local
+    shards (traced only: the GPU kernel does not lower on the CPU)."""
+    import ferrum_jax as fj
+    from ferrum_jax.backend import record_dispatch
+    mesh = fj.make_mesh(tp=1)
+    (q, k, v, pos), kw = _attention_args(t=1, d=64)
+    ops = Ops(platform="gpu", mesh=mesh)
+    with record_dispatch() as choices:
+        jaxpr = jax.make_jaxpr(lambda *a: ops.decode_attention(*a, **kw))(q, k, v, pos)
+    assert [c.impl for c in choices] == ["pallas_decode"]
+    assert "shard_map" in str(jaxpr)
+    # On the CPU the reference runs in the shard_map and gives the unsharded result.
+    got = Ops(mesh=mesh).decode_attention(q, k, v, pos, **kw)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(Ops().decode_attention(q, k, v, pos, **kw)), rtol=1e-6)
 
 
 def test_model_on_a_mesh_gets_sharded_ops(tiny_model):
@@ -229,5 +251,6 @@ def test_model_on_a_mesh_gets_sharded_ops(tiny_model):
 
     import ferrum_jax as fj
     assert not tiny_model.ops.sharded
-    sharded = dataclasses.replace(tiny_model, mesh=fj.make_mesh(tp=1))
-    assert sharded.ops.sharded
+    mesh = fj.make_mesh(tp=1)
+    sharded = dataclasses.replace(tiny_model, mesh=mesh)
+    assert sharded.ops.sharded and sharded.ops.mesh is mesh
