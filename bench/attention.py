@@ -247,7 +247,8 @@ def decode_point(batch: int, context: int, kv_dtype, cfg: dict, paged_cfg: dict 
                  with_xla: bool = False) -> dict:
     name = "bf16" if kv_dtype is None else jnp.dtype(kv_dtype).name
     nbytes = kv_bytes(batch, context, kv_dtype)
-    row = {"kind": "decode", "batch": batch, "context": context, "kv_dtype": name, "kv_bytes": nbytes, "config": cfg}
+    row = {"kind": "decode", "batch": batch, "context": context, "heads": HEADS, "kv_heads": KV_HEADS, "kv_dtype": name,
+           "kv_bytes": nbytes, "config": cfg}
     sets = [decode_inputs(batch, context, kv_dtype, seed=i) for i in range(copies_for(nbytes))]
     row["copies"] = len(sets)
     row["contiguous_seconds"] = copies_seconds(decode_call(cfg), sets)
@@ -350,6 +351,7 @@ def bench(args) -> dict:
 
 
 def main() -> None:
+    # --heads rebinds the module's HEADS / KV_HEADS, which every input builder reads.
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=("check", "sweep", "bench", "profile"))
     p.add_argument("--kernel", choices=("flash", "decode", "paged"), default="flash")
@@ -366,9 +368,11 @@ def main() -> None:
     p.add_argument("--paged-config", default="{}", help="JSON keyword arguments for paged_decode_attention")
     p.add_argument("--kv-dtype", choices=("bf16", "int8", "fp8"), default="bf16", help="profile, sweep: cache dtype")
     p.add_argument("--paged-quantized", action="store_true", help="also time paged int8/fp8 caches")
+    p.add_argument("--heads", default=f"{HEADS}/{KV_HEADS}", help="query/kv heads, e.g. 32/4 (default Llama-3.1-8B's)")
     p.add_argument("--out", help="folder for the JSON result")
     p.add_argument("--commit", default="unknown")
     args = p.parse_args()
+    globals()["HEADS"], globals()["KV_HEADS"] = (int(x) for x in args.heads.split("/"))
     if args.mode == "check":
         check(args)
     elif args.mode == "profile":
@@ -376,7 +380,10 @@ def main() -> None:
     elif args.mode == "sweep":
         rows = sweep(args)
         if args.out:
-            name = f"attention_sweep_{args.kernel}_{jax.devices()[0].device_kind.replace(' ', '-')}.json"
+            b, ctx = args.point or (1, 32768)
+            point = "" if args.kernel == "flash" else f"_b{b}-{ctx // 1024}k"
+            name = (f"attention_sweep_{args.kernel}{point}_{HEADS}-{KV_HEADS}heads_"
+                    f"{jax.devices()[0].device_kind.replace(' ', '-')}.json")
             (Path(args.out) / name).write_text(json.dumps({"device": jax.devices()[0].device_kind,
                                                            "jax": jax.__version__, "commit": args.commit,
                                                            "rows": rows}, indent=1))

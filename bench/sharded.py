@@ -1,8 +1,8 @@
-"""Sharded decode benchmark (issues 8 and the MoE follow-up): random weights of a real model's shape,
-drawn straight onto a device mesh, decode tokens/s on each mesh, scaling efficiency against the
+"""Sharded decode benchmark (issue 8; expert parallel for MoE shapes): random weights of a real model's
+shape, drawn straight onto a device mesh, decode tokens/s on each mesh, scaling efficiency against the
 1-device point and the fraction of the aggregate copy bandwidth (what every device reads per decode
 step: its weight shards and its KV cache slice; for an MoE shape only the experts the step's tokens
-are expected to pick, see `step_bytes_per_device`).
+are expected to pick under uniform routing; the JSON's bytes_note says how it is counted).
 
 A mesh is named by its axis sizes, e.g. tp2 (tensor parallel over 2 devices), ep4 (the experts of
 every MoE layer over 4 devices), dp2 (the batch over 2 replicas) or tp2ep2 (4 devices); it runs on

@@ -373,5 +373,63 @@ def test_dense_shapes_are_unchanged(sweep):
     assert bench.estimate_weight_bytes(shape_config("qwen3-8b"), "bf16") == 16381470720
 
 
+# ---- bench/sharded.py: expert parallel against tensor parallel ---------------------------------
+
+
+def _run_sharded_bench(*argv: str):
+    """bench/sharded.py in a subprocess whose jax fakes 8 CPU devices (the flag must be set before
+    jax starts, so not in this process)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "sharded.py"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+
+
+def test_sharded_bench_moe_expert_parallel_smoke(tmp_path):
+    proc = _run_sharded_bench("--shape", "qwen3-moe-tiny", "--meshes", "tp1,ep2,tp2ep2,ep16", "--dtype", "f32",
+                              "--context", "32", "--steps", "4", "--runs", "1", "--batches", "1,4",
+                              "--copy-bytes", str(1 << 20), "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ep2 (tp=1 ep=2 dp=1) batch=4:" in proc.stderr and "ep16: needs 16 devices, only 8, skipped" in proc.stderr
+    data = json.loads((tmp_path / "sharded_qwen3-moe-tiny_f32_cpu_tp1-ep2-tp2ep2-ep16.json").read_text())
+    assert data["meshes"] == ["tp1", "ep2", "tp2ep2", "ep16"]
+    points = data["points"]
+    assert [(p["mesh"], p["tp"], p["ep"], p["dp"], p["batch"]) for p in points] == [
+        ("tp1", 1, 1, 1, 1), ("tp1", 1, 1, 1, 4), ("ep2", 1, 2, 1, 1), ("ep2", 1, 2, 1, 4),
+        ("tp2ep2", 2, 2, 1, 1), ("tp2ep2", 2, 2, 1, 4)]
+    cfg = shape_config("qwen3-moe-tiny")
+    # The expert stacks: 2 MoE layers x (gate, up, down) of 8 experts [32, 64], float32.
+    expert_bytes = 2 * 3 * cfg.num_experts * cfg.moe_intermediate_size * cfg.hidden_size * 4
+    bw = data["ceilings"]["copy_bandwidth_bytes_per_s"]
+    for p in points:
+        assert p["steps_done_min"] == 4 and p["compiles_per_call"][2:] == [0] and p["tokens_per_second"] > 0
+        distinct = bench.expected_distinct_experts(cfg.num_experts, cfg.top_k, p["batch"])
+        assert p["expected_distinct_experts_per_layer"] == pytest.approx(float(distinct))
+        # The experts a step is expected to read, spread over the ep * tp devices that hold them.
+        assert p["expert_bytes_per_device"] == pytest.approx(
+            float(expert_bytes * distinct / cfg.num_experts) / (p["ep"] * p["tp"]), abs=1)
+        assert p["weight_bytes_per_device"] == p["non_expert_weight_bytes_per_device"] + p["expert_bytes_per_device"]
+        assert p["step_bytes_per_device"] == pytest.approx(p["weight_bytes_per_device"] + p["kv_bytes_per_device"])
+        assert p["fraction_of_aggregate_copy_bandwidth"] == pytest.approx(
+            p["step_bytes_per_device"] / p["seconds_per_step"] / bw)
+        base = next(q for q in points if q["mesh"] == "tp1" and q["batch"] == p["batch"])
+        assert p["scaling_efficiency"] == pytest.approx(
+            p["tokens_per_second"] / (p["devices"] * base["tokens_per_second"]))
+    # Non-expert weights: replicated over "expert", split over "model".
+    non_expert = {p["mesh"]: p["non_expert_weight_bytes_per_device"] for p in points}
+    assert non_expert["ep2"] == non_expert["tp1"] > non_expert["tp2ep2"]
+    assert "expected distinct experts under uniform routing" in data["bytes_note"]
+
+
+def test_sharded_bench_refuses_expert_parallel_on_a_dense_shape():
+    proc = _run_sharded_bench("--shape", "llama-tiny", "--meshes", "tp1,ep2", "--out", "")
+    assert proc.returncode == 2
+    assert "--meshes ep2" in proc.stderr and "--shape llama-tiny is dense" in proc.stderr
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
