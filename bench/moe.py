@@ -5,6 +5,9 @@ Qwen3-30B-A3B's MoE shapes (E=128, top-8, hidden 2048, ff 768, bf16), near-unifo
     python bench/moe.py --out bench/results --commit $(git rev-parse --short HEAD)
     python bench/moe.py --sweep --tokens 1 64 4096 --out bench/results     # tiles per kernel
     python bench/moe.py --smoke --out /tmp/x                                # tiny, CPU (interpret)
+    python bench/moe.py --format Q4_K --out bench/results                   # quantized expert stacks
+    python bench/moe.py --format Q4_K --sweep --tokens 1 4096               # their kernels' tiles
+    python bench/moe.py --format Q4_K --smoke --out /tmp/x                  # tiny, CPU (interpret)
 
 prefill: one MoE layer (x -> x + moe(x)) at 8, 64, 512, 4096 tokens; seconds per layer from one
     jitted fori_loop over distinct routings (median of several runs); ratios against the grouped
@@ -20,6 +23,14 @@ decode: T = 1 and 32: the bytes of the distinct experts each step picks (3 * H *
 --sweep: gate_up and down alone over (block_m, block_n, block_k, warps, stages), best per kernel
     (each point is a Triton compile: ~72 points per token count with the default lists; narrow them
     with --tokens / --block-m ... to stay inside a time limit; partial results are written as it goes).
+--format F (a GGUF type with a kernel layout, or GPTQ-int4 with groups of 128): random quantized
+    expert stacks (`QuantWeight` [E, out, in], GGUF ones repacked as the loader does) instead of
+    bf16 ones; the quantized grouped kernels (pallas_kernels/moe/grouped_quant.py) against the
+    "xla_dequant" reference op (decode: the picked experts gathered and dequantized; more rows: a
+    scan dequantizing one expert at a time) and the dense grouped kernels on the same weights
+    dequantized. prefill at --tokens as above (error against "xla_dequant"); decode at
+    --decode-tokens: the packed bytes of the distinct experts picked per second over the copy
+    bandwidth (the dense kernels: their bytes in the run's dtype). With --sweep, the quantized kernels' tiles.
 """
 
 from __future__ import annotations
@@ -42,10 +53,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ferrum_jax as fj  # noqa: E402
 from ferrum_jax import moe_ops  # noqa: E402
 from ferrum_jax.bench.ceilings import device_ceilings  # noqa: E402
+from ferrum_jax.bench.weights import random_gguf_weight  # noqa: E402
+from ferrum_jax.quant.qweight import GGUF_FORMATS, QuantWeight, gptq_format  # noqa: E402
+from ferrum_jax.quant.repack import repack_gguf  # noqa: E402
 from pallas_kernels import moe  # noqa: E402
+from pallas_kernels.moe import grouped_quant as gq  # noqa: E402
 
 QWEN3_30B = dict(experts=128, top_k=8, hidden=2048, ff=768)
 SMOKE = dict(experts=8, top_k=2, hidden=64, ff=128)
+QUANT_SMOKE = dict(experts=8, top_k=2, hidden=256, ff=256)  # K-quant super-blocks are 256 wide
+QUANT_FORMATS = (*GGUF_FORMATS, "GPTQ-int4")
 
 
 def routes(key: jax.Array, iters: int, t: int, e: int, k: int) -> tuple[jax.Array, jax.Array]:
@@ -131,6 +148,109 @@ def reference_moe(x, ids, w, g, u, d):
     return moe_ops.moe_experts(x, ids, w, g, u, d, "silu", ops=fj.Ops())
 
 
+# ---- quantized expert stacks (--format) --------------------------------------------------------------
+
+def quant_stack(fmt: str, e: int, n: int, k: int, key: jax.Array, dtype) -> QuantWeight:
+    """A random [e, n, k] QuantWeight stack: a GGUF type as random valid blocks (ferrum_jax.bench's
+    recipe: weights of std ~0.02) repacked as the loader does; GPTQ-int4 as random codes, zero
+    points and scales (groups of 128), one expert at a time."""
+    if fmt in GGUF_FORMATS:
+        return repack_gguf(random_gguf_weight(key, fmt, (e, n, k), dtype))
+    qf, groups = gptq_format(4, 128), k // 128
+
+    def one(kk: jax.Array) -> QuantWeight:
+        k1, k2, k3 = jax.random.split(kk, 3)
+        codes = jax.random.randint(k1, (n, k), 0, 16, jnp.int32).astype(jnp.uint8)
+        scales = jax.random.uniform(k2, (n, groups), jnp.float32, 1e-3, 5e-3)
+        zeros = jax.random.randint(k3, (n, groups), 0, 16, jnp.int32).astype(jnp.uint8)
+        return QuantWeight.from_codes(codes, scales, qf, zeros=zeros, compute_dtype=dtype)
+
+    return dataclasses.replace(jax.lax.map(one, jax.random.split(key, e)), shape=(e, n, k))
+
+
+def quant_stacks(fmt: str, shape: dict, dtype, key) -> tuple[QuantWeight, QuantWeight, QuantWeight]:
+    e, h, f = shape["experts"], shape["hidden"], shape["ff"]
+    ks = jax.random.split(key, 3)
+    return tuple(quant_stack(fmt, e, n, k, kk, dtype) for kk, (n, k) in zip(ks, ((f, h), (f, h), (h, f))))
+
+
+def grouped_quant_moe(x, ids, w, g, u, d):
+    """The quantized grouped kernels (interpret mode off the GPU), choose_config's tiles."""
+    return gq.moe_experts_quant(x, ids, w, g, u, d, "silu", interpret=jax.default_backend() != "gpu")
+
+
+def xla_dequant_moe(x, ids, w, g, u, d):
+    """The "xla_dequant" reference op (ferrum_jax.moe_ops), as the model runs packed stacks without the kernels."""
+    return moe_ops.moe_experts_packed(x, ids, w, g, u, d, "silu", ops=fj.Ops())
+
+
+def quant_prefill(args, shape: dict, dtype, key, stacks, dense) -> list[dict]:
+    """Seconds per layer at each of --tokens: the quantized kernels, "xla_dequant", and the dense
+    kernels on the dequantized stacks; errors against "xla_dequant" on the first routing."""
+    e, k, h, f = shape["experts"], shape["top_k"], shape["hidden"], shape["ff"]
+    rows = []
+    for t in args.tokens:
+        iters = max(2, min(args.iters, 16384 // t))
+        ids, w = routes(jax.random.fold_in(key, t), iters, t, e, k)
+        x = jax.random.normal(jax.random.fold_in(key, 5000 + t), (t, h), jnp.float32).astype(dtype)
+        want = np.asarray(jax.jit(xla_dequant_moe)(x, ids[0], w[0], *stacks), np.float64)
+        flops = 2 * t * k * 3 * h * f
+        row = dict(tokens=t, iters=iters, useful_flops=flops)
+        for name, fn, ws in (("grouped_quant", grouped_quant_moe, stacks), ("xla_dequant", xla_dequant_moe, stacks),
+                             ("grouped_dense", grouped_moe, dense)):
+            err = rel_err(np.asarray(jax.jit(fn)(x, ids[0], w[0], *ws), np.float64), want)
+            s = layer_seconds(fn, x, ids, w, ws, args.reps)
+            row[name] = dict(seconds=s, useful_flops_per_s=flops / s, rel_err_vs_xla_dequant=err)
+        for name in ("xla_dequant", "grouped_dense"):
+            row[name]["time_vs_grouped_quant"] = row[name]["seconds"] / row["grouped_quant"]["seconds"]
+        formats = tuple(s_.fmt for s_ in stacks)
+        row["config"] = dataclasses.asdict(gq.choose_config(t * k, e, h, f, formats))
+        rows.append(row)
+        g = row["grouped_quant"]
+        print(f"prefill T={t:5d} grouped_quant {g['seconds'] * 1e6:9.1f} us "
+              f"({g['useful_flops_per_s'] / 1e12:6.1f} TFLOP/s, err vs xla_dequant {g['rel_err_vs_xla_dequant']:.1e}) | "
+              f"xla_dequant {row['xla_dequant']['time_vs_grouped_quant']:6.2f}x | "
+              f"grouped_dense {row['grouped_dense']['time_vs_grouped_quant']:5.2f}x", flush=True)
+    return rows
+
+
+def quant_decode(args, shape: dict, dtype, key, stacks, dense, bandwidth: float) -> list[dict]:
+    """At each of --decode-tokens: the bytes of the distinct experts a step picks (packed bytes for
+    the quantized paths, dense bytes in the run's dtype for the dense kernels) per second, as a
+    fraction of the copy bandwidth."""
+    e, k, h, f = shape["experts"], shape["top_k"], shape["hidden"], shape["ff"]
+    packed_expert = sum(s_.stream_bytes() for s_ in stacks) / e  # one expert's gate, up and down
+    dense_expert = 3 * h * f * jnp.dtype(dtype).itemsize
+    rows = []
+    for t in args.decode_tokens:
+        ids, w = routes(jax.random.fold_in(key, 1000 + t), args.decode_iters, t, e, k)
+        x = jax.random.normal(jax.random.fold_in(key, t), (t, h), jnp.float32).astype(dtype)
+        distinct = float(np.mean([len(np.unique(np.asarray(i))) for i in ids]))
+        row = dict(tokens=t, iters=args.decode_iters, distinct_experts=distinct)
+        for name, fn, ws, per_expert in (("grouped_quant", grouped_quant_moe, stacks, packed_expert),
+                                         ("xla_dequant", xla_dequant_moe, stacks, packed_expert),
+                                         ("grouped_dense", grouped_moe, dense, dense_expert)):
+            active = distinct * per_expert
+            s = layer_seconds(fn, x, ids, w, ws, args.reps)
+            row[name] = dict(seconds=s, active_weight_bytes=active, bytes_per_s=active / s,
+                             bw_fraction=active / s / bandwidth)
+        rows.append(row)
+        print(f"decode T={t:3d} ({distinct:5.1f} experts, {distinct * packed_expert / 1e6:7.1f} MB packed) "
+              + " | ".join(f"{n} {row[n]['seconds'] * 1e6:8.1f} us {row[n]['bw_fraction']:6.1%} BW"
+                           for n in ("grouped_quant", "xla_dequant", "grouped_dense")), flush=True)
+    return rows
+
+
+def quant_bench(args, shape: dict, dtype, key, bandwidth: float) -> dict:
+    stacks = quant_stacks(args.format, shape, dtype, jax.random.fold_in(key, 11))
+    dense = tuple(jax.jit(lambda s_: s_.dequantize(dtype))(s_) for s_ in stacks)
+    return dict(format=args.format, expert_bytes_packed=sum(s_.stream_bytes() for s_ in stacks),
+                prefill=quant_prefill(args, shape, dtype, key, stacks, dense),
+                decode=quant_decode(args, shape, dtype, key, stacks, dense, bandwidth))
+
+
+# ---- bf16 expert stacks -------------------------------------------------------------------------------
+
 def prefill(args, shape: dict, dtype, key) -> list[dict]:
     e, k, h, f = shape["experts"], shape["top_k"], shape["hidden"], shape["ff"]
     wg, wu, wd = stacks(key, e, h, f, dtype)
@@ -201,7 +321,15 @@ def kernel_seconds(call, al: moe.Alignment, reps: int) -> float:
 def sweep(args, shape: dict, dtype, key) -> list[dict]:
     """Each kernel alone per tile config, over `iters` precomputed alignments (distinct routings)."""
     e, k, h, f = shape["experts"], shape["top_k"], shape["hidden"], shape["ff"]
-    wg, wu, wd = stacks(jax.random.fold_in(key, 9), e, h, f, dtype)
+    if args.format:
+        wg, wu, wd = quant_stacks(args.format, shape, dtype, jax.random.fold_in(key, 9))
+        gate_up_fn, down_fn = gq.gate_up, gq.down
+        fits = {"gate_up": partial(gq.tiles_unsupported, formats=(wg.fmt, wu.fmt)),
+                "down": partial(gq.tiles_unsupported, formats=(wd.fmt,))}
+    else:
+        wg, wu, wd = stacks(jax.random.fold_in(key, 9), e, h, f, dtype)
+        gate_up_fn, down_fn = moe.gate_up, moe.down
+        fits = {"gate_up": moe.tiles_unsupported, "down": moe.tiles_unsupported}
     interpret = jax.default_backend() != "gpu"
     rows = []
     for t in args.tokens:
@@ -213,15 +341,15 @@ def sweep(args, shape: dict, dtype, key) -> list[dict]:
             p = al.sorted_ids.shape[1]
             act = jax.random.normal(key, (p, f), jnp.float32).astype(dtype)
             routing = jnp.ones((p,), jnp.float32)
-            kernels = {"gate_up": partial(moe.gate_up, x, w_gate=wg, w_up=wu, kind="silu", top_k=k,
+            kernels = {"gate_up": partial(gate_up_fn, x, w_gate=wg, w_up=wu, kind="silu", top_k=k,
                                           interpret=interpret),
-                       "down": partial(moe.down, act, routing=routing, w_down=wd, interpret=interpret)}
+                       "down": partial(down_fn, act, routing=routing, w_down=wd, interpret=interpret)}
             best = {}
             for kernel, bn, bk, nw, ns in itertools.product(kernels, args.block_n, args.block_k, args.warps,
                                                             args.stages):
                 tiles = moe.Tiles(bn, bk, nw, ns)
                 n_out, k_in = (f, h) if kernel == "gate_up" else (h, f)
-                if moe.tiles_unsupported(tiles, n_out, k_in, kernel) is not None:
+                if fits[kernel](tiles, n_out, k_in, what=kernel) is not None:
                     continue
                 try:
                     s = kernel_seconds(partial(kernels[kernel], tiles=tiles), al, args.reps)
@@ -230,18 +358,18 @@ def sweep(args, shape: dict, dtype, key) -> list[dict]:
                     continue
                 flops = 2 * t * k * h * f * (2 if kernel == "gate_up" else 1)
                 rows.append({"tokens": t, "kernel": kernel, "block_m": bm, "tiles": dataclasses.asdict(tiles),
-                             "seconds": s, "useful_flops_per_s": flops / s})
+                             "seconds": s, "useful_flops_per_s": flops / s, "format": args.format or "bf16"})
                 print(f"  T={t:5d} {kernel:7s} bm={bm:3d} {tiles} {s * 1e6:9.1f} us", flush=True)
                 if kernel not in best or s < best[kernel][0]:
                     best[kernel] = (s, tiles)
             for kernel, (s, tiles) in best.items():
                 print(f"BEST T={t} {kernel} block_m={bm} {tiles} {s * 1e6:.1f} us", flush=True)
             if args.out:
-                _write(args, "sweep", {"shape": shape, "points": rows})
+                _write(args, _mode(args), {"shape": shape, "points": rows})
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", nargs="+", type=int, default=[8, 64, 512, 4096])
     p.add_argument("--decode-tokens", nargs="+", type=int, default=[1, 32])
@@ -255,17 +383,20 @@ def main() -> None:
     p.add_argument("--warps", nargs="+", type=int, default=[4, 8])
     p.add_argument("--stages", nargs="+", type=int, default=[3])
     p.add_argument("--smoke", action="store_true", help="tiny shapes, float32, few reps (CPU check of the script)")
+    p.add_argument("--format", choices=QUANT_FORMATS, default=None,
+                   help="quantized expert stacks of this format (see the module docstring); default bf16 stacks")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
                    help="directory of the JSON file (default bench/results)")
     p.add_argument("--commit", default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     shape, dtype = (SMOKE, jnp.float32) if args.smoke else (QWEN3_30B, jnp.bfloat16)
+    if args.smoke and args.format:
+        shape = QUANT_SMOKE
     if args.smoke:
         args.tokens, args.decode_tokens = [17], [1]
         args.iters, args.decode_iters, args.reps = 2, 2, 1
         args.block_m, args.block_n, args.block_k, args.warps, args.stages = [16], [32], [64], [4], [3]
     key = jax.random.PRNGKey(0)
-    mode = "sweep" if args.sweep else "bench"
     if args.sweep:
         result = dict(shape=shape, points=sweep(args, shape, dtype, key))
     else:
@@ -274,10 +405,19 @@ def main() -> None:
         bw = ceil["copy_bandwidth_bytes_per_s"]
         peak = ceil["matmul_bf16_flops_per_s"]
         print(f"copy {bw / 1e12:.3f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s", flush=True)
-        result = dict(shape=shape, dtype=jnp.dtype(dtype).name, ceilings=ceil,
-                      prefill=prefill(args, shape, dtype, key), decode=decode(args, shape, dtype, key, bw))
+        result = dict(shape=shape, dtype=jnp.dtype(dtype).name, ceilings=ceil)
+        if args.format:
+            result |= quant_bench(args, shape, dtype, key, bw)
+        else:
+            result |= dict(prefill=prefill(args, shape, dtype, key), decode=decode(args, shape, dtype, key, bw))
     if args.out:
-        print(f"wrote {_write(args, mode, result)}")
+        print(f"wrote {_write(args, _mode(args), result)}")
+
+
+def _mode(args) -> str:
+    """The result file's mode: bench or sweep, of bf16 stacks or of one quantized format."""
+    mode = "sweep" if args.sweep else "bench"
+    return f"{mode}-{args.format}" if args.format else mode
 
 
 def _write(args, mode: str, result: dict) -> Path:

@@ -20,9 +20,11 @@ Two ops, so that a routing kernel and a grouped-matmul kernel can register separ
 Expert weights are stacked [experts, out_features, in_features]: each expert in the checkpoint's
 own [out, in] layout. The ids and weights never leave the device; all shapes are static.
 
-Two references of moe_experts: "xla" for dense stacks, and "xla_dequant" for stacks that are packed
-`GGUFWeight`s with a leading expert axis (GGUF files; any ggml type the block dequantizers know, and
-dense stacks mixed in). The packed one never holds more than the experts it reads in dense form:
+Two references of moe_experts: "xla" for dense stacks, and "xla_dequant" for packed stacks with a
+leading expert axis: `GGUFWeight`s (GGUF files; any ggml type the block dequantizers know) and
+`QuantWeight`s (the kernel layout: GGUF stacks repacked at load, GPTQ experts stacked at load),
+mixed with each other and with dense stacks. The packed one never holds more than the experts it
+reads in dense form:
 decode gathers the selected experts' packed blocks and dequantizes only those; more rows run a scan
 over the experts, dequantizing one expert per step and skipping experts no row was routed to.
 """
@@ -37,6 +39,9 @@ from jax import lax
 
 from ferrum_jax.backend import Impl, register
 from ferrum_jax.quant.packed import GGUFWeight
+from ferrum_jax.quant.qweight import QuantWeight
+
+PACKED = (GGUFWeight, QuantWeight)  # stacks that stay packed on device and decode where they are used
 
 
 def moe_route(x: jax.Array, router: jax.Array, *, top_k: int, norm_topk_prob: bool, ops) -> tuple[jax.Array, jax.Array]:
@@ -112,27 +117,31 @@ def moe_experts(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate: jax.Ar
 
 def _dense(w: Any, dtype: Any) -> jax.Array:
     """A stack, or experts taken from one, as a dense array of `dtype` (packed blocks decoded)."""
-    return w.dequantize(dtype) if isinstance(w, GGUFWeight) else w.astype(dtype)
+    return w.dequantize(dtype) if isinstance(w, PACKED) else w.astype(dtype)
 
 
 def _take(w: Any, idx: jax.Array) -> Any:
-    """The experts `idx` (int [...]) of a stack: [..., out, in]. Packed stacks gather their uint8
-    blocks (nothing is decoded here), dense ones their rows."""
+    """The experts `idx` (int [...]) of a stack: [..., out, in]. Packed stacks gather their packed
+    leaves (nothing is decoded here), dense ones their rows."""
     if isinstance(w, GGUFWeight):
         return GGUFWeight(jnp.take(w.data, idx, axis=0), w.ggml_type, (*idx.shape, *w.shape[-2:]), w.compute_dtype)
+    if isinstance(w, QuantWeight):
+        return w.take_experts(idx)
     return jnp.take(w, idx, axis=0)
 
 
 def _num_experts(w: Any) -> int:
-    return int(w.data.shape[0] if isinstance(w, GGUFWeight) else w.shape[0])
+    if isinstance(w, GGUFWeight):
+        return int(w.data.shape[0])
+    return int(w.lo.shape[0] if isinstance(w, QuantWeight) else w.shape[0])
 
 
 def moe_experts_packed(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate: Any, w_up: Any | None, w_down: Any,
                        kind: str, *, expert_offset: int | jax.Array = 0, ops) -> jax.Array:
-    """`moe_experts` over packed stacks (`GGUFWeight` [E, out, in]; dense stacks also work), same
-    semantics as the dense reference, with memory bounded by what is read:
+    """`moe_experts` over packed stacks (`GGUFWeight` or `QuantWeight` [E, out, in]; dense stacks
+    also work), same semantics as the dense reference, with memory bounded by what is read:
 
-    - few rows (n * k < E, decode): gather the n * k selected experts' packed blocks, dequantize
+    - few rows (n * k < E, decode): gather the n * k selected experts' packed leaves, dequantize
       those ([n, k, out, in] in x's dtype), then the same per-row products as the dense reference;
     - otherwise: `lax.scan` over the E experts, each step dequantizing one expert's three matrices
       and running it on every row, weighted by that expert's column of the [n, E] routing matrix
@@ -187,12 +196,14 @@ def _dense_experts(x, ids, weights, w_gate, w_up, w_down, kind, **kwargs) -> str
 
 def _packed_experts(x, ids, weights, w_gate, w_up, w_down, kind, **kwargs) -> str | None:
     ws = _stacks(w_gate, w_up, w_down)
-    bad = [type(w).__name__ for w in ws if not isinstance(w, (jax.Array, GGUFWeight))]
+    bad = [type(w).__name__ for w in ws if not isinstance(w, (jax.Array, *PACKED))]
     if bad:
-        return f"expert weights are {', '.join(bad)}, not GGUFWeight stacks or dense arrays"
-    flat = [w for w in ws if isinstance(w, GGUFWeight) and w.data.ndim != 3]
-    if flat:
-        return f"GGUFWeight of shape {flat[0].logical_shape} is not an [experts, out, in] stack"
+        return f"expert weights are {', '.join(bad)}, not GGUFWeight / QuantWeight stacks or dense arrays"
+    for w in ws:
+        if isinstance(w, GGUFWeight) and w.data.ndim != 3:
+            return f"GGUFWeight of shape {w.logical_shape} is not an [experts, out, in] stack"
+        if isinstance(w, QuantWeight) and (w.ndim != 3 or len(w.lead) != 1):
+            return f"{w.fmt.name} QuantWeight of shape {w.logical_shape} is not an [experts, out, in] stack"
     return None
 
 

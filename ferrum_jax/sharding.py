@@ -72,9 +72,11 @@ from ferrum_jax.backend import register_layout
 from ferrum_jax.cache import KVCache
 from ferrum_jax.errors import CheckpointError, ConfigError
 from ferrum_jax.quant.packed import GGUFWeight
+from ferrum_jax.quant.qweight import QuantWeight
 from models.common import Attention, Mlp
 
 AXES = ("data", "expert", "model")
+PACKED = (GGUFWeight, QuantWeight)  # quantized expert stacks (GGUF blocks, or the kernel layout)
 
 # Logical axis -> mesh axis. The one rule table.
 RULES: dict[str, str | None] = {
@@ -291,8 +293,8 @@ def moe_experts_sharded(mesh: Mesh, ops: Any, x: jax.Array, ids: jax.Array, weig
     expert FFN dim (gate/up column-parallel, down row-parallel: the activation is elementwise, so
     the slices are independent), and one psum over ("expert", "model") sums the partial outputs.
     Rows stay split over "data" (when the batch divides; else replicated)."""
-    if any(isinstance(w, GGUFWeight) for w in (gate, up, down)):
-        raise ConfigError("packed GGUF expert stacks do not run on a mesh yet (load with dequantize=True)")
+    if any(isinstance(w, PACKED) for w in (gate, up, down)):
+        raise ConfigError("packed (quantized) expert stacks do not run on a mesh yet (load with dequantize=True)")
     ep = axis_size(mesh, "expert")
     local_experts = gate.shape[0] // ep
     rows = PartitionSpec("data" if x.shape[0] % axis_size(mesh, "data") == 0 else None)
@@ -443,9 +445,9 @@ def shard_weights(cfg: Any, weights: Any, mesh: Mesh) -> tuple[Any, Any]:
     new_cfg = sharded_config(cfg, mesh)
     arranged = arrange(weights, cfg, tp, DEVICE_ROWS) if tp > 1 or new_cfg is not cfg else weights
     for n in jax.tree_util.tree_leaves(arranged, is_leaf=_is_moe):
-        if _is_moe(n) and any(isinstance(w, GGUFWeight) for w in (n.gate, n.up, n.down)):
-            raise ConfigError(f"{cfg.architecture}: packed GGUF expert stacks do not run on a mesh yet; load the "
-                              "GGUF file with dequantize=True before shard_model")
+        if _is_moe(n) and any(isinstance(w, PACKED) for w in (n.gate, n.up, n.down)):
+            raise ConfigError(f"{cfg.architecture}: packed (quantized) expert stacks do not run on a mesh yet; load "
+                              "the GGUF file with dequantize=True before shard_model")
 
     def put(path: tuple, leaf: Any) -> Any:
         if isinstance(leaf, GGUFWeight):

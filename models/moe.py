@@ -9,9 +9,11 @@ sum 1 when `norm_topk_prob` (Qwen configs say; Mixtral always, its "softmax over
 Qwen layers in `mlp_only_layers`, or not on the `decoder_sparse_step` grid, have a dense MLP of
 `intermediate_size`. Attention is Llama's: q/k norm (Qwen3-MoE), qkv bias (Qwen2-MoE), sliding
 window (Mixtral's `sliding_window`, Qwen's layer_types). Per-expert checkpoint tensors are stacked
-into [experts, out, in] arrays when the weights are built; GGUF files store the stacks themselves
-(`tensor_shapes(cfg, stacked=True)` names them), and a quantized stack stays a packed `GGUFWeight`
-with a leading expert axis (`ferrum_jax.moe_ops` decodes only what it reads).
+into [experts, out, in] arrays when the weights are built (GPTQ / AWQ experts into a `QuantWeight`
+stack); GGUF files store the stacks themselves (`tensor_shapes(cfg, stacked=True)` names them), and
+a quantized stack stays packed with a leading expert axis (a `GGUFWeight`, repacked into a
+`QuantWeight` at load where its type has a kernel layout; `ferrum_jax.moe_ops` decodes only what
+it reads).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ferrum_jax.backend import Ops
 from ferrum_jax.cache import KVCache
 from ferrum_jax.errors import CheckpointError, ConfigError
 from ferrum_jax.quant.packed import GGUFWeight
+from ferrum_jax.quant.qweight import QuantWeight
 from models.common import (Array, Attention, AttnSpec, DecoderConfig, HFConfig, Mlp, attention_shapes,
                            attention_weights, final_logits, mlp_shapes, mlp_weights, self_attention)
 from models.llama import _layer_windows
@@ -107,7 +110,7 @@ class Config(DecoderConfig):
 @dataclasses.dataclass(frozen=True)
 class Moe:
     router: Array  # [experts, hidden]
-    # Stacks: dense arrays, or packed GGUFWeights with a leading expert axis (from GGUF files).
+    # Stacks: dense arrays, or packed GGUFWeight / QuantWeight stacks with a leading expert axis.
     gate: Array  # [experts, moe_intermediate, hidden]
     up: Array | None  # same; None when fused into gate ([gate_e; up_e] rows per expert)
     down: Array  # [experts, hidden, moe_intermediate]
@@ -183,10 +186,18 @@ def tensor_shapes(cfg: Config, *, stacked: bool = False) -> dict[str, tuple[int,
 
 def _stack(t: Mapping[str, Any], names: list[str]) -> Any:
     """One projection's per-expert tensors as an [experts, out, in] stack: dense arrays stacked, packed
-    GGUF tensors of one ggml type stacked block for block (a `GGUFWeight` with a leading expert axis)."""
+    GGUF tensors of one ggml type stacked block for block (a `GGUFWeight` with a leading expert axis),
+    GPTQ / AWQ experts (`QuantWeight`s of one format) stacked leaf for leaf (a `QuantWeight` stack)."""
     ws = [t[n] for n in names]
     if all(isinstance(w, jax.Array) for w in ws):
         return jnp.stack(ws)
+    if all(isinstance(w, QuantWeight) for w in ws):
+        first = ws[0]
+        for name, w in zip(names, ws):
+            if w.fmt != first.fmt or w.shape != first.shape or (w.perm is None) != (first.perm is None):
+                raise CheckpointError(f"{name!r} is {w.fmt.name} {w.shape} but {names[0]!r} is {first.fmt.name} "
+                                      f"{first.shape}; the experts of one projection must share one quantization")
+        return QuantWeight.stack(ws)
     if all(isinstance(w, GGUFWeight) for w in ws):
         types = {w.ggml_type for w in ws}
         if len(types) > 1:
@@ -195,9 +206,9 @@ def _stack(t: Mapping[str, Any], names: list[str]) -> Any:
         first = ws[0]
         return GGUFWeight(jnp.stack([w.data for w in ws]), first.ggml_type, (len(ws), *first.shape),
                           first.compute_dtype)
-    packed = next(n for n, w in zip(names, ws) if not isinstance(w, (jax.Array, GGUFWeight)))
-    raise ConfigError(f"{packed}: quantized expert weights ({type(t[packed]).__name__}) are not supported yet; "
-                      "MoE models load from dense checkpoints and GGUF files")
+    odd = next((n for n, w in zip(names, ws) if type(w) is not type(ws[0])), names[0])
+    raise CheckpointError(f"{odd!r} is a {type(t[odd]).__name__} but {names[0]!r} is a {type(ws[0]).__name__}: "
+                          "one projection's experts must all be dense, all GGUF or all GPTQ / AWQ")
 
 
 def moe_weights(cfg: Config, t: Mapping[str, Any], p: str) -> Moe:

@@ -322,13 +322,15 @@ def test_moe_active_bytes_at_batch_1_are_exactly_k_of_e_experts():
 
 
 def test_moe_quantized_random_weights_decode():
-    """Packed GGUF expert stacks drawn whole ([experts, out, in], routers dense), through the decode."""
+    """Packed GGUF expert stacks drawn whole ([experts, out, in], routers dense, repacked into
+    QuantWeight stacks as the loader does), through the decode."""
     cfg = shape_config("qwen3-moe-tiny")
     weights, types = bench.random_quantized_weights(cfg, "Q4_K", jnp.float32)
     # Rows of 64 / 32 are not whole Q4_K blocks: Q8_0; each stack counts once; 2 routers stay dense.
     assert types == {"Q8_0": 2 + 4 * 3 + 3 + 3 * 2, "dense": 2}  # embed, lm_head; attention; dense MLP; stacks
     stacks = _moe_stacks(weights)
-    assert all(isinstance(s, GGUFWeight) and s.data.ndim == 3 and s.ggml_type == "Q8_0" for s in stacks)
+    # Repacked as the loader does: QuantWeight stacks [experts, out, in].
+    assert all(isinstance(s, QuantWeight) and s.ndim == 3 and s.fmt.name == "Q8_0" for s in stacks)
     ws = bench.weight_stats(weights, cfg, (1, 4))
     assert ws["moe"]["expert_bytes"] == sum(s.nbytes for s in stacks)
     assert bench.estimate_weight_bytes(cfg, "q4_k") > 0

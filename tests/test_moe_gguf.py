@@ -42,6 +42,7 @@ from ferrum_jax.backend import DEFAULT_OPS, record_dispatch, summarize  # noqa: 
 from ferrum_jax.cache import KVCache  # noqa: E402
 from ferrum_jax.errors import CheckpointError, ConfigError  # noqa: E402
 from ferrum_jax.quant import LAYOUTS, GGUFWeight  # noqa: E402
+from ferrum_jax.quant.qweight import GGUF_FORMATS, QuantWeight  # noqa: E402
 from models.moe import Moe  # noqa: E402
 
 T = gguf.GGMLQuantizationType
@@ -426,7 +427,8 @@ def test_gguf_moe_matches_hf(name, cases):
         assert stored["blk.0.ffn_gate_inp_shexp.weight"][0].shape == (HIDDEN,)  # squeezed, as llama.cpp's
     if name == "mixtral":
         assert cfg.attn[0].window == 8
-    # Quantized stacks stay the file's blocks on device; dense ones (F32/F16/BF16) are arrays.
+    # Quantized stacks stay packed on device: repacked into the kernel layout (QuantWeight) where
+    # their type has one, else the file's blocks (GGUFWeight); dense ones (F32/F16/BF16) are arrays.
     for i, layer in enumerate(model.weights.layers):
         if not cfg.sparse[i]:
             continue
@@ -436,6 +438,9 @@ def test_gguf_moe_matches_hf(name, cases):
             data, qtype = stored[f"blk.{i}.ffn_{proj}_exps.weight"]
             if qtype in ("F32", "F16", "BF16"):
                 assert isinstance(stack, jax.Array) and stack.dtype == jnp.float32
+            elif qtype in GGUF_FORMATS:
+                assert isinstance(stack, QuantWeight) and stack.fmt.name == qtype
+                assert stack.shape[:2] == data.shape[:2] and stack.lo.shape[0] == cfg.num_experts
             else:
                 assert isinstance(stack, GGUFWeight) and stack.ggml_type == qtype
                 assert stack.data.dtype == jnp.uint8 and stack.data.nbytes == data.nbytes
@@ -493,8 +498,8 @@ def test_dense_stacks_and_per_expert_files(cases, tmp_path):
             split[name] = (data, qtype)
     legacy = ferrum_jax.load(write_gguf(tmp_path / "per-expert.gguf", "llama", meta, split), dtype="float32",
                              dequantize=False, progress=False)
-    g = legacy.weights.layers[1].mlp.gate
-    assert isinstance(g, GGUFWeight) and g.ggml_type == "Q6_K" and g.data.shape[0] == 4
+    g = legacy.weights.layers[1].mlp.gate  # stacked at load, then repacked (Q6_K has a kernel layout)
+    assert isinstance(g, QuantWeight) and g.fmt.name == "Q6_K" and g.lo.shape[0] == 4
     np.testing.assert_array_equal(prefill_logits(legacy, prompts), want)
 
     # one expert of another type: no stack

@@ -127,8 +127,8 @@ def random_quantized_weights(cfg: Any, ggml_type: str = "Q4_K", compute_dtype: A
             tensors[name] = (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(compute_dtype)
             if len(shape) >= 2:
                 types["dense"] = types.get("dense", 0) + 1
-    # As the loader does: repacked into the kernel layout, q/k/v and gate/up fused (expert stacks
-    # stay block-decoded GGUFWeights, as a GGUF MoE file's do).
+    # As the loader does: repacked into the kernel layout (expert stacks too: QuantWeight stacks
+    # where the type has a layout), q/k/v and gate/up fused.
     return fuse_projections(repack_weights(family.build_weights(cfg, tensors))), types
 
 

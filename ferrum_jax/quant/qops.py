@@ -36,7 +36,9 @@ def _check(x: jax.Array, w: QuantWeight) -> None:
 
 
 def _qweight_only(x: Any, w: Any, *args: Any, **kwargs: Any) -> str | None:
-    return None if isinstance(w, QuantWeight) else f"weight is {type(w).__name__}, not a QuantWeight"
+    if not isinstance(w, QuantWeight):
+        return f"weight is {type(w).__name__}, not a QuantWeight"
+    return None if w.ndim == 2 else f"QuantWeight of shape {w.shape} is an expert stack, not an [out, in] weight"
 
 
 def _kernel_applies(x: jax.Array, w: Any, bias: Any = None) -> str | None:

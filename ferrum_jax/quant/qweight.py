@@ -28,6 +28,13 @@ of `ROW_PAD` (zero codes, zero scales); `shape` keeps the logical [out, in].
 GPTQ act-order (`g_idx`) becomes a column permutation: the codes are stored with the columns
 sorted by group, and `perm` (int32 [K]) says which input feeds each stored column, so
 y = x[..., perm] @ W_sorted^T.
+
+Expert stacks (MoE): every leaf has a leading expert axis (lo [E, N_pad, K/G, B, W], scales
+[E, N_pad, K/G], ..., perm [E, K]: each expert its own) and `shape` is the logical (E, out, in).
+Each expert's rows are padded on their own, so expert e's leaves are exactly the 2-D QuantWeight
+of that expert (`stack` builds one from those, `take_experts` / `w[a:b]` pick experts). As for
+`GGUFWeight`, `lax.scan` / `vmap` over the expert axis slice the leaves but not the static
+`shape`, so the leading dims are always read from the leaves (`lead`), the last two from `shape`.
 """
 
 from __future__ import annotations
@@ -113,7 +120,9 @@ GGUF_FORMATS: dict[str, QFormat] = {
 
 @dataclasses.dataclass(frozen=True)
 class QuantWeight:
-    """A quantized [out, in] linear weight in the kernel layout (see the module docstring)."""
+    """A quantized [out, in] linear weight, or an [experts, out, in] stack of them, in the kernel
+    layout (see the module docstring; the leaf shapes below are those of one 2-D weight, a stack
+    has one more leading expert axis on each)."""
 
     lo: jax.Array  # uint8 (int8 for signed 8-bit) [N_pad, K/G, B, W]
     hi: jax.Array | None  # uint8 [N_pad, K/G, W] for 5- and 6-bit codes
@@ -123,20 +132,35 @@ class QuantWeight:
     super_offsets: jax.Array | None  # f16 [N_pad, K/S] ("kmin")
     perm: jax.Array | None  # int32 [K]: input column feeding each stored column (act-order)
     fmt: QFormat = dataclasses.field(default=GGUF_FORMATS["Q8_0"], metadata=dict(static=True))
-    shape: tuple[int, int] = dataclasses.field(default=(0, 0), metadata=dict(static=True))
+    shape: tuple[int, ...] = dataclasses.field(default=(0, 0), metadata=dict(static=True))  # (E,) out, in
     compute_dtype: str = dataclasses.field(default="float32", metadata=dict(static=True))
 
     @property
     def ndim(self) -> int:
-        return 2
+        return len(self.shape)
+
+    @property
+    def rows(self) -> int:
+        return self.shape[-2]
 
     @property
     def cols(self) -> int:
-        return self.shape[1]
+        return self.shape[-1]
 
     @property
     def groups(self) -> int:
-        return self.shape[1] // self.fmt.group
+        return self.shape[-1] // self.fmt.group
+
+    @property
+    def lead(self) -> tuple[int, ...]:
+        """The leading (expert) dims as the leaves have them: (E,) for a stack; () for a 2-D weight,
+        and for one expert of a stack inside a scan over its experts."""
+        return tuple(self.lo.shape[:-4])
+
+    @property
+    def logical_shape(self) -> tuple[int, ...]:
+        """Shape of `dequantize()`: leading dims from the leaves (correct under scan / vmap)."""
+        return (*self.lead, self.rows, self.cols)
 
     @property
     def nbytes(self) -> int:
@@ -144,38 +168,39 @@ class QuantWeight:
         return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in leaves)
 
     def stream_bytes(self) -> int:
-        """Bytes a matmul reads (the logical rows, without the perm vector)."""
-        return int(self.shape[0] * self.shape[1] * self.fmt.bits_per_weight / 8)
+        """Bytes a matmul reads (the logical rows, without the perm vector); a stack's: all experts'."""
+        return int(math.prod(self.shape) * self.fmt.bits_per_weight / 8)
 
     # ---- the pure-jnp reference ---------------------------------------------------------------
 
     def codes(self) -> jax.Array:
-        """int32 [N_pad, K/G, A, B, W]: every element's integer code (before scale and offset)."""
+        """int32 [..., N_pad, K/G, A, B, W]: every element's integer code (before scale and offset)."""
         f = self.fmt
         lo = self.lo.astype(jnp.int32)
         if f.bits == 8:
-            return lo[:, :, None]
-        q = jnp.stack([lo & 15, lo >> 4], axis=2)  # [N, K/G, A, B, W]
+            return lo[..., None, :, :]
+        q = jnp.stack([lo & 15, lo >> 4], axis=-3)  # [..., N, K/G, A, B, W]
         if self.hi is None:
             return q
         hb = f.bits - 4
         _, b, _ = f.split
         field = jnp.arange(2 * b, dtype=jnp.int32).reshape(2, b, 1)  # a * B + b
-        high = (self.hi.astype(jnp.int32)[:, :, None, None, :] >> (hb * field)) & ((1 << hb) - 1)
+        high = (self.hi.astype(jnp.int32)[..., None, None, :] >> (hb * field)) & ((1 << hb) - 1)
         return q | (high << 4)
 
     def group_scales(self) -> jax.Array:
-        """float32 [N_pad, K/G]: s per group."""
+        """float32 [..., N_pad, K/G]: s per group."""
         f = self.fmt
         s = self.scales.astype(jnp.float32)
         if f.super_group:
-            s = jnp.repeat(self.super_scales.astype(jnp.float32), f.sub_per_super, axis=1) * s
+            s = jnp.repeat(self.super_scales.astype(jnp.float32), f.sub_per_super, axis=-1) * s
         return s
 
     def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
-        """The logical [out, in] weight in the original column order; traceable."""
+        """The logical [..., out, in] weight in the original column order; traceable."""
         f = self.fmt
-        q = self.codes().reshape(self.lo.shape[0], self.groups, f.group)
+        lead, n_pad = self.lead, self.lo.shape[-4]
+        q = self.codes().reshape(*lead, n_pad, self.groups, f.group)
         s = self.group_scales()[..., None]
         if f.offset in ("const", "zero"):
             z = f.const if f.offset == "const" else self.offsets.astype(jnp.int32)[..., None]
@@ -185,21 +210,68 @@ class QuantWeight:
             if f.offset == "min":
                 w = w + self.offsets.astype(jnp.float32)[..., None]
             elif f.offset == "kmin":
-                dmin = jnp.repeat(self.super_offsets.astype(jnp.float32), f.sub_per_super, axis=1)
+                dmin = jnp.repeat(self.super_offsets.astype(jnp.float32), f.sub_per_super, axis=-1)
                 w = w - (dmin * self.offsets.astype(jnp.float32))[..., None]
-        w = w.reshape(self.lo.shape[0], self.shape[1])[: self.shape[0]]
+        w = w.reshape(*lead, n_pad, self.cols)[..., : self.rows, :]
         if self.perm is not None:
-            w = jnp.zeros_like(w).at[:, self.perm].set(w)
+            w = _unpermute(w, self.perm)
         return w.astype(dtype)
 
     def take_rows(self, rows: jax.Array) -> QuantWeight:
         """The rows `rows` (any int shape [...]) as a QuantWeight of shape [prod(...), K] (for embed)."""
+        if self.ndim != 2:
+            raise ValueError(f"take_rows: a {self.fmt.name} stack of shape {self.shape} has no rows to take; "
+                             "take_experts first")
         flat = rows.reshape(-1)
         pick = lambda a: None if a is None else jnp.take(a, flat, axis=0)
         n = flat.shape[0]
         return QuantWeight(pick(self.lo), pick(self.hi), pick(self.scales), pick(self.super_scales),
                            pick(self.offsets), pick(self.super_offsets), self.perm, self.fmt,
                            (n, self.shape[1]), self.compute_dtype)
+
+    # ---- expert stacks ------------------------------------------------------------------------
+
+    def take_experts(self, idx: jax.Array) -> QuantWeight:
+        """The experts `idx` (int [...]) of a stack: a QuantWeight of shape (*idx.shape, out, in);
+        only the packed leaves are gathered (nothing is decoded)."""
+        if self.ndim != 3:
+            raise ValueError(f"take_experts: the {self.fmt.name} weight of shape {self.shape} is not an "
+                             "[experts, out, in] stack")
+        pick = lambda a: None if a is None else jnp.take(a, idx, axis=0)
+        return QuantWeight(*(pick(getattr(self, name)) for name in _LEAVES), self.fmt,
+                           (*idx.shape, *self.shape[-2:]), self.compute_dtype)
+
+    def __getitem__(self, idx: Any) -> QuantWeight:
+        """Index a stack's expert axis, e.g. `w[4:8]` (an expert-parallel shard) or `w[e]`."""
+        if self.ndim != 3:
+            raise IndexError(f"QuantWeight of shape {self.shape}: only [experts, out, in] stacks are indexed")
+        lo = self.lo[idx]
+        if lo.ndim not in (4, 5) or lo.shape[-4:] != self.lo.shape[-4:]:
+            raise IndexError(f"QuantWeight index {idx!r} must pick experts and leave the rows and columns whole")
+        pick = lambda a: None if a is None else a[idx]
+        lead = lo.shape[:-4]
+        return QuantWeight(*(pick(getattr(self, name)) for name in _LEAVES), self.fmt,
+                           (*lead, *self.shape[-2:]), self.compute_dtype)
+
+    @staticmethod
+    def stack(weights: list[QuantWeight]) -> QuantWeight:
+        """One [experts, out, in] stack of 2-D weights of one format, shape and compute dtype
+        (each expert's leaves as they are: exact); act-order perms are stacked too ([E, K])."""
+        first = weights[0]
+        for i, w in enumerate(weights):
+            if w.ndim != 2 or w.fmt != first.fmt or w.shape != first.shape or w.compute_dtype != first.compute_dtype:
+                raise ValueError(f"QuantWeight.stack: weight {i} is {w.fmt.name} {w.shape} ({w.compute_dtype}), "
+                                 f"weight 0 is {first.fmt.name} {first.shape} ({first.compute_dtype})")
+            if (w.perm is None) != (first.perm is None):
+                raise ValueError(f"QuantWeight.stack: weight {i} {'has' if w.perm is not None else 'lacks'} an "
+                                 "act-order permutation and weight 0 does not")
+
+        def stacked(name: str) -> jax.Array | None:
+            leaves = [getattr(w, name) for w in weights]
+            return None if leaves[0] is None else jnp.stack(leaves)
+
+        return QuantWeight(*(stacked(name) for name in _LEAVES), first.fmt, (len(weights), *first.shape),
+                           first.compute_dtype)
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -233,7 +305,7 @@ class QuantWeight:
     @staticmethod
     def can_concat(weights: list[QuantWeight]) -> bool:
         first = weights[0]
-        return all(w.fmt == first.fmt and w.shape[1] == first.shape[1] and w.perm is None
+        return all(w.ndim == 2 and w.fmt == first.fmt and w.shape[1] == first.shape[1] and w.perm is None
                    and w.compute_dtype == first.compute_dtype for w in weights)
 
     @staticmethod
@@ -257,6 +329,14 @@ class QuantWeight:
 
 _LEAVES = ["lo", "hi", "scales", "super_scales", "offsets", "super_offsets", "perm"]
 jax.tree_util.register_dataclass(QuantWeight, data_fields=_LEAVES, meta_fields=["fmt", "shape", "compute_dtype"])
+
+
+def _unpermute(w: jax.Array, perm: jax.Array) -> jax.Array:
+    """w [..., N, K] with stored column j moved to input column perm[..., j] (perm [..., K], the
+    same leading dims as w's, one permutation per expert of a stack)."""
+    if perm.ndim == 1:
+        return jnp.zeros_like(w).at[..., perm].set(w)
+    return jax.vmap(_unpermute)(w, perm)
 
 
 def _pad_rows(n: int, a: jax.Array | None) -> jax.Array | None:

@@ -4,10 +4,15 @@ Each supported type's block is taken apart into its integer codes (in element or
 scales and offsets, exactly as ggml's `dequantize_row_*` reads them (the field helpers come from
 `gguf_blocks`, the one definition of every block); `QuantWeight.from_codes` packs them. Nothing is
 rounded: `QuantWeight.dequantize` gives ggml's values (tested against `gguf.quants.dequantize`).
+
+MoE expert stacks (a `GGUFWeight` [experts, out, in], as GGUF files store them) become QuantWeight
+stacks: the 2-D repack of each expert, one expert at a time (`lax.map`, so the split's transient
+planes are one expert's, not the whole stack's), stacked along a leading expert axis.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from functools import partial
 from typing import Any
@@ -73,27 +78,37 @@ def can_repack(w: GGUFWeight) -> str | None:
     """None if `w` has a kernel layout, else why not."""
     if w.ggml_type not in GGUF_FORMATS:
         return f"{w.ggml_type} has no kernel layout (layouts: {', '.join(GGUF_FORMATS)})"
-    if w.ndim != 2 or w.data.ndim != 2:
-        return f"only 2-D [out, in] weights are repacked, not shape {w.shape}"
+    if w.ndim not in (2, 3) or w.data.ndim != w.ndim:
+        return f"only 2-D [out, in] weights and 3-D [experts, out, in] stacks are repacked, not shape {w.shape}"
     return None
 
 
+def _repack_rows(ggml_type: str, data: jax.Array, cols: int, compute_dtype: str) -> QuantWeight:
+    """The kernel layout of one 2-D weight's raw blocks, data uint8 [N, bytes per row]."""
+    L = LAYOUTS[ggml_type]
+    n = data.shape[0]
+    parts = _split(ggml_type, data.reshape(n, cols // L.block_size, L.type_size))
+    return QuantWeight.from_codes(parts["codes"], parts["scales"], GGUF_FORMATS[ggml_type], mins=parts.get("mins"),
+                                  super_scales=parts.get("super_scales"),
+                                  super_offsets=parts.get("super_offsets"), compute_dtype=compute_dtype)
+
+
 def repack_gguf(w: GGUFWeight) -> QuantWeight:
-    """The kernel layout of a packed 2-D GGUF weight (see `can_repack`)."""
+    """The kernel layout of a packed 2-D GGUF weight or [experts, out, in] stack (see `can_repack`)."""
     reason = can_repack(w)
     if reason is not None:
         raise ValueError(reason)
-    fmt = GGUF_FORMATS[w.ggml_type]
-    n = w.shape[0]
-    parts = _split(w.ggml_type, w.data.reshape(n, w.blocks_per_row, w.layout.type_size))
-    return QuantWeight.from_codes(parts["codes"], parts["scales"], fmt, mins=parts.get("mins"),
-                                  super_scales=parts.get("super_scales"),
-                                  super_offsets=parts.get("super_offsets"), compute_dtype=w.compute_dtype)
+    one = partial(_repack_rows, w.ggml_type, cols=w.cols, compute_dtype=w.compute_dtype)
+    if w.ndim == 2:
+        return one(w.data)
+    stack = lax.map(one, w.data)  # leaves [E, N_pad, ...]; the static shape is one expert's
+    return dataclasses.replace(stack, shape=tuple(w.shape))
 
 
 def repack_weights(weights: Any) -> Any:
-    """Every packed 2-D GGUF weight of a pytree in the kernel layout; the others (types without a
-    layout, e.g. Q2_K / Q3_K) stay `GGUFWeight`s on the block-decoding path, said in a debug log."""
+    """Every packed 2-D GGUF weight and [experts, out, in] stack of a pytree in the kernel layout;
+    the others (types without a layout, e.g. Q2_K / Q3_K) stay `GGUFWeight`s on the
+    block-decoding path, said in a debug log."""
 
     def convert(node: Any) -> Any:
         if not isinstance(node, GGUFWeight):

@@ -4,10 +4,13 @@
                        one block per entry, no sort, for decode-sized batches
     grouped_matmul.py  gate+up with the activation epilogue, down with the routing weight in the
                        epilogue: one pallas_call each over (aligned blocks, output tiles)
+    grouped_quant.py   the same over quantized (QuantWeight) stacks: each program decodes its
+                       expert's weight tile into x's dtype before the tensor-core dot
 
 `moe_experts_pallas` has the signature and semantics of `ferrum_jax.moe_ops.moe_experts` (the XLA
 reference and oracle), including `expert_offset` for expert parallel; `ferrum_jax/moe_kernels.py`
-registers it. A layer is: align (a sort of T*k int32 keys), gate_up, down, then a gather of each
+registers it (and grouped_quant's `moe_experts_quant`). A layer is: align (a sort of T*k int32
+keys, or none at decode), gate_up, down, then a gather of each
 (token, slot) row and a float32 sum over the k slots in jnp. The intermediate act and the
 per-slot rows are stored in x's dtype (as vLLM does; half the bytes of float32 rows at prefill),
 so with bf16 each slot's row is rounded once before the sum; the reference keeps them float32.
@@ -22,7 +25,15 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.moe.align import Alignment, align_block_size, align_for, align_unsorted, max_blocks
+from pallas_kernels.moe.align import (
+    Alignment,
+    align_block_size,
+    align_for,
+    align_unsorted,
+    combine_slots,
+    max_blocks,
+    sorted_routing,
+)
 from pallas_kernels.moe.grouped_matmul import (
     KERNEL_ACTIVATIONS,
     Tiles,
@@ -33,8 +44,9 @@ from pallas_kernels.moe.grouped_matmul import (
     tiles_unsupported,
 )
 
-__all__ = ["KERNEL_ACTIVATIONS", "Alignment", "MoeConfig", "Tiles", "align_block_size", "align_for", "align_unsorted", "choose_config", "down",
-           "down_reference", "gate_up", "gate_up_reference", "max_blocks", "moe_experts_pallas", "unsupported"]
+__all__ = ["KERNEL_ACTIVATIONS", "Alignment", "MoeConfig", "Tiles", "align_block_size", "align_for", "align_unsorted", "choose_config",
+           "combine_slots", "down",
+           "down_reference", "gate_up", "gate_up_reference", "max_blocks", "moe_experts_pallas", "sorted_routing", "unsupported"]
 
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
@@ -144,12 +156,6 @@ def _moe_experts(x, ids, weights, w_gate, w_up, w_down, expert_offset, *, kind: 
     n = xs.shape[0]
     align = align_for(ids.reshape(n, k), num_experts=w_gate.shape[0], block_m=config.block_m,
                              expert_offset=expert_offset)
-    flat_w = weights.reshape(n * k).astype(jnp.float32)
-    is_entry = align.sorted_ids < n * k
-    routing = jnp.where(is_entry, jnp.take(flat_w, jnp.minimum(align.sorted_ids, n * k - 1)), 0.0)
     act = gate_up(xs, align, w_gate, w_up, kind, top_k=k, tiles=config.gate_up, interpret=interpret)
-    y = down(act, align, routing, w_down, tiles=config.down, interpret=interpret)
-    # Each (token, slot) row back from its sorted position; slots of other shards have none (zero).
-    rows = jnp.take(y, align.positions, axis=0, mode="fill", fill_value=0)
-    out = jnp.sum(rows.reshape(n, k, h).astype(jnp.float32), axis=1)
-    return out.astype(x.dtype).reshape(shape)
+    y = down(act, align, sorted_routing(align, weights), w_down, tiles=config.down, interpret=interpret)
+    return combine_slots(y, align, k).astype(x.dtype).reshape(shape)

@@ -141,3 +141,18 @@ def align_for(ids: jax.Array, *, num_experts: int, block_m: int, expert_offset: 
     if ids.size * 4 <= num_experts:
         return align_unsorted(ids, num_experts=num_experts, block_m=block_m, expert_offset=expert_offset)
     return align_block_size(ids, num_experts=num_experts, block_m=block_m, expert_offset=expert_offset)
+
+
+def sorted_routing(align: Alignment, weights: jax.Array) -> jax.Array:
+    """float32 [P]: the routing weight of each aligned row's entry (weights [T*k] flat), 0 for padding."""
+    nk = align.num_entries
+    flat = weights.reshape(nk).astype(jnp.float32)
+    return jnp.where(align.sorted_ids < nk, jnp.take(flat, jnp.minimum(align.sorted_ids, nk - 1)), 0.0)
+
+
+def combine_slots(y: jax.Array, align: Alignment, top_k: int) -> jax.Array:
+    """float32 [T, H]: each (token, slot) row of y [P, H] (sorted order) gathered back by `positions`
+    and summed over the k slots; slots of other shards have no position and add zero."""
+    nk, h = align.num_entries, y.shape[-1]
+    rows = jnp.take(y, align.positions, axis=0, mode="fill", fill_value=0)
+    return jnp.sum(rows.reshape(nk // top_k, top_k, h).astype(jnp.float32), axis=1)
