@@ -87,15 +87,18 @@ def _fit(dim: int, want: int, least: int) -> int:
 def choose_config(num_entries: int, num_experts: int, hidden: int, ff: int,
                   formats: tuple[QFormat, ...] = ()) -> QuantMoeConfig:
     """Defaults by the mean entries per expert (T*k / E), as the dense kernels': block_m 16 for
-    decode and small batches, larger blocks when experts get many rows. Tiles: the quantized dot
-    variant's (64 rows, K steps of 256: quant_matmul's Hopper row) for one-block experts, 64 x 128
-    for the bigger blocks (a [block_m, 64] float32 accumulator pair beside the decoded tile).
-    Starting points for the GPU sweep in bench/moe.py (--format), not measured yet."""
+    decode and small batches, larger blocks when experts get many rows. Tiles for one-block experts:
+    gate_up 32 x 256, 4 warps, 2 stages, the best of an H200 sweep at T = 1 over Q4_K stacks of
+    Qwen3-30B-A3B's shape (45.1 us vs 57.2 us for the 64 x 256 / 3 stages start,
+    bench/results/moe_sweep_q4k_T1_NVIDIA-H200.log); down 64 x 256 (not swept). Bigger blocks:
+    64 x 128 (a [block_m, 64] float32 accumulator pair beside the decoded tile), not swept."""
     per_expert = num_entries / num_experts
     block_m = 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64
     want = Tiles(64, 256, 4, 3) if block_m == 16 else Tiles(64, 128, 4, 3)
+    want_gu = Tiles(32, 256, 4, 2) if block_m == 16 else want
     least_k = 16 * max((_fields(f) for f in formats), default=1)
-    gu = dataclasses.replace(want, block_n=_fit(ff, want.block_n, 16), block_k=_fit(hidden, want.block_k, least_k))
+    gu = dataclasses.replace(want_gu, block_n=_fit(ff, want_gu.block_n, 16),
+                             block_k=_fit(hidden, want_gu.block_k, least_k))
     dn = dataclasses.replace(want, block_n=_fit(hidden, want.block_n, 16), block_k=_fit(ff, want.block_k, least_k))
     return QuantMoeConfig(block_m=block_m, gate_up=gu, down=dn)
 
