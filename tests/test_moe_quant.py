@@ -33,7 +33,7 @@ from ferrum_jax.quant import GGUFWeight
 from ferrum_jax.quant.qweight import QuantWeight, gptq_format
 from ferrum_jax.quant.repack import can_repack, repack_gguf, repack_weights
 from pallas_kernels.moe import grouped_quant as gq
-from pallas_kernels.moe.align import align_block_size
+from pallas_kernels.moe.align import align_block_size, sorted_routing
 
 INTERPRET = jax.default_backend() != "gpu"  # the real kernels on a GPU, interpret mode elsewhere
 
@@ -182,20 +182,6 @@ def test_reference_over_quantweight_stacks(tokens):
     assert _rel(halves[0] + halves[1], want) < _tol(jnp.float32)
 
 
-def _largest_float(jaxpr) -> int:
-    biggest = 0
-    for eqn in jaxpr.eqns:
-        for v in eqn.outvars:
-            if jnp.issubdtype(v.aval.dtype, jnp.floating):
-                biggest = max(biggest, int(np.prod(v.aval.shape)))
-        for p in eqn.params.values():
-            for sub in (p if isinstance(p, (tuple, list)) else [p]):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    biggest = max(biggest, _largest_float(inner))
-    return biggest
-
-
 @pytest.mark.parametrize("tokens", [1, 64])
 def test_reference_never_holds_the_dense_stack(tokens):
     """Decode dequantizes only the gathered experts (k of E); prefill one expert at a time."""
@@ -207,6 +193,8 @@ def test_reference_never_holds_the_dense_stack(tokens):
     ids = jnp.zeros((1, tokens, K), jnp.int32)
     w = jnp.full((1, tokens, K), 0.5, jnp.float32)
     jaxpr = jax.make_jaxpr(partial(Ops(platform="cpu").moe_experts, kind="silu"))(x, ids, w, gate, up, down)
+    from test_moe_gguf import _largest_float
+
     biggest = _largest_float(jaxpr.jaxpr)
     assert biggest <= (K * F * H if tokens == 1 else max(F * H, tokens * max(F, H)))
 
@@ -241,7 +229,7 @@ def test_kernels_against_their_references():
     act = gq.gate_up(x, al, gate, up, "silu", top_k=K, tiles=CFG.gate_up, interpret=INTERPRET)
     ref_act = gq.gate_up_reference(x, al, gate, up, "silu", top_k=K)
     assert _rel(np.asarray(act)[real], np.asarray(ref_act)[real]) < _tol(jnp.float32)
-    routing = gq.sorted_routing(al, jnp.asarray(w))
+    routing = sorted_routing(al, jnp.asarray(w))
     y = gq.down(act, al, routing, down, tiles=CFG.down, interpret=INTERPRET)
     ref_y = gq.down_reference(act, al, routing, down)
     assert _rel(np.asarray(y)[real], np.asarray(ref_y)[real]) < _tol(jnp.float32)

@@ -31,6 +31,7 @@ from pallas_kernels.moe.align import (
     align_for,
     align_unsorted,
     combine_slots,
+    grouped_moe,
     max_blocks,
     sorted_routing,
 )
@@ -45,7 +46,7 @@ from pallas_kernels.moe.grouped_matmul import (
 )
 
 __all__ = ["KERNEL_ACTIVATIONS", "Alignment", "MoeConfig", "Tiles", "align_block_size", "align_for", "align_unsorted", "choose_config",
-           "combine_slots", "down",
+           "combine_slots", "down", "grouped_moe",
            "down_reference", "gate_up", "gate_up_reference", "max_blocks", "moe_experts_pallas", "sorted_routing", "unsupported"]
 
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -151,11 +152,8 @@ def moe_experts_pallas(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate:
 @partial(jax.jit, static_argnames=("kind", "config", "interpret"))
 def _moe_experts(x, ids, weights, w_gate, w_up, w_down, expert_offset, *, kind: str, config: MoeConfig,
                  interpret: bool) -> jax.Array:
-    shape, h, k = x.shape, x.shape[-1], ids.shape[-1]
-    xs = x.reshape(-1, h)
-    n = xs.shape[0]
-    align = align_for(ids.reshape(n, k), num_experts=w_gate.shape[0], block_m=config.block_m,
-                             expert_offset=expert_offset)
-    act = gate_up(xs, align, w_gate, w_up, kind, top_k=k, tiles=config.gate_up, interpret=interpret)
-    y = down(act, align, sorted_routing(align, weights), w_down, tiles=config.down, interpret=interpret)
-    return combine_slots(y, align, k).astype(x.dtype).reshape(shape)
+    return grouped_moe(
+        x, ids, weights, expert_offset, num_experts=w_gate.shape[0], block_m=config.block_m,
+        gate_up=lambda xs, al, k: gate_up(xs, al, w_gate, w_up, kind, top_k=k, tiles=config.gate_up,
+                                          interpret=interpret),
+        down=lambda act, al, r: down(act, al, r, w_down, tiles=config.down, interpret=interpret))

@@ -156,3 +156,16 @@ def combine_slots(y: jax.Array, align: Alignment, top_k: int) -> jax.Array:
     nk, h = align.num_entries, y.shape[-1]
     rows = jnp.take(y, align.positions, axis=0, mode="fill", fill_value=0)
     return jnp.sum(rows.reshape(nk // top_k, top_k, h).astype(jnp.float32), axis=1)
+
+
+def grouped_moe(x: jax.Array, ids: jax.Array, weights: jax.Array, expert_offset: jax.Array, *, num_experts: int,
+                block_m: int, gate_up, down) -> jax.Array:
+    """An MoE layer on grouped kernels (the dense and the quantized ones share it): x [..., H], ids /
+    weights [..., k] -> [..., H] in x's dtype. `gate_up(xs [T, H], align, top_k)` -> act rows;
+    `down(act, align, routing)` -> routing-weighted rows, summed back per token here."""
+    shape, h, k = x.shape, x.shape[-1], ids.shape[-1]
+    xs = x.reshape(-1, h)
+    align = align_for(ids.reshape(xs.shape[0], k), num_experts=num_experts, block_m=block_m,
+                      expert_offset=expert_offset)
+    y = down(gate_up(xs, align, k), align, sorted_routing(align, weights))
+    return combine_slots(y, align, k).astype(x.dtype).reshape(shape)

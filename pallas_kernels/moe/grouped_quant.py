@@ -46,7 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ferrum_jax.quant.qweight import QFormat, QuantWeight
-from pallas_kernels.moe.align import Alignment, align_for, combine_slots, sorted_routing
+from pallas_kernels.moe.align import Alignment, grouped_moe
 from pallas_kernels.moe.grouped_matmul import KERNEL_ACTIVATIONS, Tiles
 from pallas_kernels.moe.grouped_matmul import down_reference as _dense_down_reference
 from pallas_kernels.moe.grouped_matmul import gate_up_reference as _dense_gate_up_reference
@@ -466,11 +466,8 @@ def moe_experts_quant(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate: 
 @partial(jax.jit, static_argnames=("kind", "config", "interpret"))
 def _moe_experts(x, ids, weights, w_gate, w_up, w_down, expert_offset, *, kind: str, config: QuantMoeConfig,
                  interpret: bool) -> jax.Array:
-    shape, h, k = x.shape, x.shape[-1], ids.shape[-1]
-    xs = x.reshape(-1, h)
-    n = xs.shape[0]
-    align = align_for(ids.reshape(n, k), num_experts=w_gate.shape[0], block_m=config.block_m,
-                      expert_offset=expert_offset)
-    act = gate_up(xs, align, w_gate, w_up, kind, top_k=k, tiles=config.gate_up, interpret=interpret)
-    y = down(act, align, sorted_routing(align, weights), w_down, tiles=config.down, interpret=interpret)
-    return combine_slots(y, align, k).astype(x.dtype).reshape(shape)
+    return grouped_moe(
+        x, ids, weights, expert_offset, num_experts=w_gate.shape[0], block_m=config.block_m,
+        gate_up=lambda xs, al, k: gate_up(xs, al, w_gate, w_up, kind, top_k=k, tiles=config.gate_up,
+                                          interpret=interpret),
+        down=lambda act, al, r: down(act, al, r, w_down, tiles=config.down, interpret=interpret))
