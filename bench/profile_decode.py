@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ferrum_jax.backend import DEFAULT_OPS  # noqa: E402
+from ferrum_jax.backend import Ops  # noqa: E402
 from ferrum_jax.bench.sweeps import host_state  # noqa: E402
 from ferrum_jax.bench.weights import random_quantized_weights  # noqa: E402
 from ferrum_jax.cache import KVCache  # noqa: E402
@@ -49,7 +49,9 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--out", default="/tmp/ferrum-profile")
+    ap.add_argument("--force", default="", metavar="OP=IMPL,...", help="pin ops, e.g. decode_attention_append=xla")
     args = ap.parse_args()
+    ops = Ops(force=tuple(tuple(p.split("=", 1)) for p in args.force.split(",") if p))
     cfg = shape_config(args.shape)
     if args.dtype == "bf16":
         weights = random_weights(cfg, jnp.bfloat16)
@@ -60,7 +62,7 @@ def main() -> None:
                            capacity=capacity, head_dim=cfg.head_dim, dtype=jnp.bfloat16)
     params = SamplingArrays.from_params([GREEDY] * args.batch)
     n = jax.device_put(np.int32(args.steps))
-    run = lambda state, cache: decode(weights, cache, state, params, n, cfg=cfg, ops=DEFAULT_OPS)
+    run = lambda state, cache: decode(weights, cache, state, params, n, cfg=cfg, ops=ops)
     state, cache = run(host_state(args.batch, capacity, cfg.vocab_size, args.context), cache)
     jax.block_until_ready(cache)
     state = host_state(args.batch, capacity, cfg.vocab_size, args.context)

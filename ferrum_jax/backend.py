@@ -182,8 +182,9 @@ class Ops:
         is chosen inside, on the local shards."""
         arg_specs, kwarg_specs, out_spec = _LAYOUTS[op](self.mesh, *args, **kwargs)
         names = [n for n in kwarg_specs if kwargs.get(n) is not None]
-        static = {n: v for n, v in kwargs.items() if n not in names}
         local = dataclasses.replace(self, mesh=None)
+        # an op that calls others (its `ops` argument) calls them on the local shards too
+        static = {n: local if v is self else v for n, v in kwargs.items() if n not in names}
 
         def on_shard(*arrays: Any) -> Any:
             return local.call(op, *arrays[:len(args)], **static, **dict(zip(names, arrays[len(args):])))
@@ -240,6 +241,13 @@ class Ops:
         """Decode-shaped attention (one query token per sequence) against a contiguous cache."""
         return self.call("decode_attention", q, k, v, q_positions, scale=scale, window=window, softcap=softcap,
                          k_scale=k_scale, v_scale=v_scale)
+
+    def decode_attention_append(self, q, k_new, v_new, k, v, q_positions, *, scale: float,
+                                window: int | None = None, softcap: float | None = None):
+        """Store one decode token's k_new, v_new [batch, 1, kv_heads, head_dim] at q_positions in the
+        contiguous cache k, v, then `decode_attention` over it -> (out, k, v) (ferrum_jax.ops)."""
+        return self.call("decode_attention_append", q, k_new, v_new, k, v, q_positions, scale=scale, window=window,
+                         softcap=softcap, ops=self)
 
     def paged_attention(self, q, k_pages, v_pages, page_table, q_positions, *, scale: float,
                         window: int | None = None, softcap: float | None = None, k_scale=None, v_scale=None):

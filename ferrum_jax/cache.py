@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from ferrum_jax.errors import ConfigError
+from ferrum_jax.ops import write_kv
 
 # The largest code of each quantized cache dtype: a vector's max |x| maps onto it.
 KV_CODE_MAX = {jnp.dtype(jnp.int8): 127.0, jnp.dtype(jnp.float8_e4m3fn): 448.0}
@@ -88,18 +89,27 @@ class KVCache:
     def write(self, layer: int, k_new: jax.Array, v_new: jax.Array, positions: jax.Array) -> KVCache:
         """Store k_new/v_new [batch, tokens, kv_heads, head_dim] at slots `positions` [batch, tokens].
         Positions past the capacity are dropped (the decode loop stops sequences before that)."""
-        rows = jnp.arange(k_new.shape[0])[:, None]
-
-        def put(arrays: tuple | None, i: int, new: jax.Array) -> tuple | None:
-            if arrays is None:
-                return None
-            return _replace(arrays, i, arrays[i].at[rows, :, positions].set(new.astype(arrays[i].dtype), mode="drop"))
+        def put(arrays: tuple | None, new: jax.Array) -> tuple | None:
+            return None if arrays is None else _replace(arrays, layer, write_kv(arrays[layer], new, positions))
 
         if not self.quantized:
-            return KVCache(k=put(self.k, layer, k_new), v=put(self.v, layer, v_new))
+            return KVCache(k=put(self.k, k_new), v=put(self.v, v_new))
         (kc, ks), (vc, vs) = quantize_kv(k_new, self.k[layer].dtype), quantize_kv(v_new, self.v[layer].dtype)
-        return KVCache(k=put(self.k, layer, kc), v=put(self.v, layer, vc),
-                       k_scale=put(self.k_scale, layer, ks), v_scale=put(self.v_scale, layer, vs))
+        return KVCache(k=put(self.k, kc), v=put(self.v, vc), k_scale=put(self.k_scale, ks),
+                       v_scale=put(self.v_scale, vs))
+
+    def write_attend(self, layer: int, q: jax.Array, k_new: jax.Array, v_new: jax.Array, positions: jax.Array, *,
+                     ops, scale: float, window: int | None, softcap: float | None,
+                     kv_len: int | None) -> tuple[jax.Array, KVCache]:
+        """`write` then `attend`. A decode token over the whole cache is one op,
+        `decode_attention_append` (on a GPU one kernel: no separate cache writes or split merge)."""
+        if q.shape[1] != 1 or kv_len is not None or self.quantized:
+            cache = self.write(layer, k_new, v_new, positions)
+            return cache.attend(layer, q, positions, ops=ops, scale=scale, window=window, softcap=softcap,
+                                kv_len=kv_len), cache
+        out, k, v = ops.decode_attention_append(q, k_new, v_new, self.k[layer], self.v[layer], positions,
+                                                scale=scale, window=window, softcap=softcap)
+        return out, KVCache(k=_replace(self.k, layer, k), v=_replace(self.v, layer, v))
 
     def attend(self, layer: int, q: jax.Array, positions: jax.Array, *, ops, scale: float,
                window: int | None, softcap: float | None, kv_len: int | None) -> jax.Array:

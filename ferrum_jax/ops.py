@@ -104,6 +104,24 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, 
     return out.reshape(b, t, h, v.shape[-1]).astype(out_dtype)
 
 
+def write_kv(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """Store new [batch, tokens, kv_heads, ...] in cache [batch, kv_heads, slots, ...] at slots
+    `positions` [batch, tokens]; positions past the capacity are dropped."""
+    rows = jnp.arange(new.shape[0])[:, None]
+    return cache.at[rows, :, positions].set(new.astype(cache.dtype), mode="drop")
+
+
+def decode_attention_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k: jax.Array, v: jax.Array,
+                            q_positions: jax.Array, *, scale: float, window: int | None = None,
+                            softcap: float | None = None, ops=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decode token: store its k_new, v_new [batch, 1, kv_heads, head_dim] at q_positions [batch, 1]
+    of the cache k, v, then `decode_attention` of q over the whole cache -> (out, k, v). Here two
+    cache writes and `ops.decode_attention` (a kernel where one applies); on a GPU one kernel does all."""
+    k, v = write_kv(k, k_new, q_positions), write_kv(v, v_new, q_positions)
+    attend = attention if ops is None else ops.decode_attention
+    return attend(q, k, v, q_positions, scale=scale, window=window, softcap=softcap), k, v
+
+
 def dequantize_kv(x: jax.Array, scale: jax.Array | None, dtype: jnp.dtype) -> jax.Array:
     """Cache codes [..., slots, head_dim] times their per-slot scales [..., slots] (identity when None)."""
     if scale is None:
@@ -174,6 +192,7 @@ for _op, _fn, _applies in [
     ("gated_mlp", gated_mlp, None),
     ("attention", attention, None),
     ("decode_attention", attention, None),
+    ("decode_attention_append", decode_attention_append, None),
     ("paged_attention", paged_attention, None),
 ]:
     register(_op, Impl("xla", _fn, applies=_applies, reference=True))

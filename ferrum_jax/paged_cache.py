@@ -168,6 +168,14 @@ class PagedKVCache:
         return dataclasses.replace(self, k=put(self.k, kc), v=put(self.v, vc), k_scale=put(self.k_scale, ks),
                                    v_scale=put(self.v_scale, vs))
 
+    def write_attend(self, layer: int, q: jax.Array, k_new: jax.Array, v_new: jax.Array, positions: jax.Array, *,
+                     ops, scale: float, window: int | None, softcap: float | None,
+                     kv_len: int | None) -> tuple[jax.Array, PagedKVCache]:
+        """`write` then `attend` (the interface models call; KVCache fuses them for decode)."""
+        cache = self.write(layer, k_new, v_new, positions)
+        return cache.attend(layer, q, positions, ops=ops, scale=scale, window=window, softcap=softcap,
+                            kv_len=kv_len), cache
+
     def attend(self, layer: int, q: jax.Array, positions: jax.Array, *, ops, scale: float,
                window: int | None, softcap: float | None, kv_len: int | None) -> jax.Array:
         """Attention of q [batch, tokens, heads, head_dim] at `positions` over the pages holding the

@@ -331,9 +331,18 @@ def _attention_layout(mesh: Mesh, q: jax.Array, k: jax.Array, v: jax.Array, q_po
     return (qs, kv, kv, PartitionSpec(data, None)), {"k_scale": scales, "v_scale": scales}, qs
 
 
+def _append_layout(mesh: Mesh, q: jax.Array, k_new: jax.Array, v_new: jax.Array, k: jax.Array, v: jax.Array,
+                   q_positions: jax.Array, **kwargs: Any) -> tuple[tuple, dict, tuple]:
+    """`decode_attention_append` splits as attention: the new k/v by kv heads like the cache."""
+    (qs, kv, _, pos), _, out = _attention_layout(mesh, q, k, v, q_positions)
+    new = PartitionSpec(qs[0], None, kv[1], None)
+    return (qs, new, new, kv, kv, pos), {}, (out, kv, kv)
+
+
 # Attention on a mesh runs in shard_map on local heads, so its Pallas kernels run there too.
 register_layout("attention", _attention_layout)
 register_layout("decode_attention", _attention_layout)
+register_layout("decode_attention_append", _append_layout)
 
 
 @dataclasses.dataclass(frozen=True)

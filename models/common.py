@@ -163,9 +163,8 @@ def self_attention(p: Attention, x: jax.Array, positions: jax.Array, cache: KVCa
         q = ops.rms_norm(q, p.q_norm, eps=spec.norm_eps, offset=spec.norm_offset)
         k = ops.rms_norm(k, p.k_norm, eps=spec.norm_eps, offset=spec.norm_offset)
     q, k = ops.rope(q, positions, spec.rope), ops.rope(k, positions, spec.rope)
-    cache = cache.write(layer, k, v, positions)
-    out = cache.attend(layer, q, positions, ops=ops, scale=spec.scale, window=spec.window, softcap=spec.softcap,
-                       kv_len=kv_len)
+    out, cache = cache.write_attend(layer, q, k, v, positions, ops=ops, scale=spec.scale, window=spec.window,
+                                    softcap=spec.softcap, kv_len=kv_len)
     return ops.linear(out.reshape(b, t, -1), p.wo, p.bo), cache
 
 

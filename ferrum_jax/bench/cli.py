@@ -21,6 +21,13 @@ from ferrum_jax.errors import FerrumError
 from ferrum_jax.shapes import SHAPES
 
 
+def _pins(text: str) -> tuple[tuple[str, str], ...]:
+    pins = tuple(tuple(p.strip().split("=", 1)) for p in text.split(",") if p.strip())
+    if not pins or any(len(p) != 2 or not all(p) for p in pins):
+        raise argparse.ArgumentTypeError(f"expected OP=IMPL[,OP=IMPL...], got {text!r}")
+    return pins
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -79,6 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--copy-bytes", type=int, default=None, help="copy-bandwidth buffer (default 4 GiB, CPU 256 MiB)")
     p.add_argument("--matmul-n", type=int, default=None, help="matmul size (default 8192, CPU 1024)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", type=_pins, default=(), metavar="OP=IMPL,...",
+                   help="pin ops to named implementations (as Ops(force=...)), e.g. decode_attention_append=xla")
     p.add_argument("--replot", default=None, metavar="JSON",
                    help="only draw the plots of an earlier result file (next to it); runs nothing")
 
@@ -93,7 +102,8 @@ def config_from_args(args: argparse.Namespace, argv: Sequence[str] | None = None
                        peer_args=tuple(shlex.split(args.peer_args or "")),
                        compile_cache_check=args.compile_cache_check, compile_cache=args.compile_cache, out=out,
                        plot=args.plot, commit=args.commit, time_budget=args.time_budget or None,
-                       copy_bytes=args.copy_bytes, matmul_n=args.matmul_n, seed=args.seed, command=cmd.strip())
+                       copy_bytes=args.copy_bytes, matmul_n=args.matmul_n, seed=args.seed, force=args.force,
+                       command=cmd.strip())
 
 
 def run_from_args(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from ferrum_jax.backend import Ops
 from ferrum_jax.bench.weights import DENSE_DTYPES, QUANT_SCALES
 from ferrum_jax.errors import ConfigError
 from ferrum_jax.shapes import SHAPES
@@ -64,9 +65,14 @@ class BenchConfig:
     matmul_n: int | None = None
     ceiling_reps: int | None = None
     seed: int = 0
+    force: tuple[tuple[str, str], ...] = ()  # (op, implementation) pins, as Ops(force=...)
     command: str | None = None  # recorded in the JSON
 
     def validate(self) -> None:
+        try:
+            Ops(force=self.force)
+        except ValueError as e:
+            raise ConfigError(f"--force: {e}") from None
         if self.model is None and self.shape is None:
             raise ConfigError("give a --shape or a --model")
         if self.model is None and self.shape not in SHAPES:

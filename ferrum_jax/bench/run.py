@@ -150,6 +150,8 @@ def run_bench(bc: BenchConfig, log: Callable[[str], None] = log_stderr) -> dict[
     log("weights ...")
     start = now()
     cfg, weights, ops, wdesc = _load_weights(bc)
+    if bc.force:  # pinned implementations, e.g. a kernel against the reference it replaces
+        ops = dataclasses.replace(ops, force=bc.force)
     jax.block_until_ready(weights)
     ws = weight_stats(weights, cfg, bc.batches)
     kv_dtype = jnp.dtype(bc.compute_dtype)

@@ -100,10 +100,12 @@ def masked_load(ref, mask: jax.Array | None):
     return pl_triton.load(ref, mask=mask, other=jnp.zeros((), ref.dtype))
 
 
-def visible_blocks(pos: jax.Array, slots: int, block_k: int, window: int | None, splits: int):
-    """(lo, hi, first, stop): the visible slots [lo, hi) of a query at `pos`, and this program's
-    tiles [first, stop) — the visible tiles cut into `splits` near-equal runs, run program_id(2)."""
-    hi = jnp.minimum(pos + 1, slots)
+def visible_blocks(pos: jax.Array, slots: int, block_k: int, window: int | None, splits: int,
+                   own_slot: bool = True):
+    """(lo, hi, first, stop): the visible slots [lo, hi) of a query at `pos` (its own slot `pos`
+    included unless `own_slot` is False), and this program's tiles [first, stop) — the visible
+    tiles cut into `splits` near-equal runs, run program_id(2)."""
+    hi = jnp.minimum(pos + 1 if own_slot else pos, slots)
     lo = jnp.int32(0) if window is None else jnp.maximum(pos - window + 1, 0)
     first = lax.div(lo, block_k)
     end = lax.div(jnp.maximum(hi, 0) + block_k - 1, block_k)

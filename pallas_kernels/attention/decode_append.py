@@ -1,0 +1,188 @@
+"""Decode attention that also appends the new token's K/V to the cache, in one kernel.
+
+A decode step's attention was five small XLA kernels around the flash-decoding kernel (two cache
+writes, a query pad, the split combine) — each one a launch that costs more than its work at batch
+1. This kernel takes the new token's k, v straight from the projection and does all of it:
+
+- Grid (batch, kv_heads, splits), as `decode.py`: a program owns one kv head's query group and a
+  run of the cache's visible slots [q_pos - window + 1, q_pos) — the query's own slot excluded:
+  the new token comes from the kernel's inputs, folded into the online softmax of split 0, which
+  also stores it into the cache at slot q_pos (the cache is aliased in place; every program masks
+  that slot, so no program reads it half-written).
+- The query group is read straight from q [B, H, D] with a row mask (no padded copy).
+- Splits merge in the kernel: each program writes its partials, then takes a ticket from a counter
+  per (row, kv head) (an acquire-release atomic after a CTA barrier); the program that draws the
+  last ticket reads every split's partials (volatile loads: not through L1) and writes the normalized output.
+  With one split there are no partials at all.
+
+`reference` is the semantics: write k_new, v_new at q_positions (dropped past the capacity), then
+`ferrum_jax.ops.attention` over the whole cache.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+from ferrum_jax import ops as ref_ops
+from pallas_kernels.attention.decode import (MASKED, DecodeConfig, attend_tile, check_inputs, choose_config,
+                                             init_state, masked_load, padded_group, triton_params, visible_blocks)
+
+
+def unsupported(q, k_new, v_new, k, v, q_positions) -> str | None:
+    """None if `decode_attention_append` runs these arguments, else why not."""
+    reason = check_inputs(q, k, v, None, None)
+    if reason is not None:
+        return reason
+    b, _, _, d = q.shape
+    kvh, dv = k.shape[1], v.shape[3]
+    if k.shape[0] != b:
+        return f"cache batch {k.shape[0]} != query batch {b}"
+    if k_new.shape != (b, 1, kvh, d) or v_new.shape != (b, 1, kvh, dv):
+        return f"new k/v {k_new.shape}, {v_new.shape} are not [batch, 1, kv_heads, head_dim] = {(b, 1, kvh, d)}"
+    if k_new.dtype != k.dtype or v_new.dtype != v.dtype:
+        return f"new k/v dtype {k_new.dtype}/{v_new.dtype} != cache dtype {k.dtype}/{v.dtype}"
+    if q_positions.shape != (b, 1) or not jnp.issubdtype(q_positions.dtype, jnp.integer):
+        return f"q_positions {q_positions.shape} {q_positions.dtype} is not int [batch, 1]"
+    return None
+
+
+def _append_kernel(pos_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref, _cnt_in, o_ref, k_out, v_out, cnt_ref, *partials,
+                   scale, window, softcap, block_k, splits, group, slots, interpret):
+    j, split = pl.program_id(1), pl.program_id(2)
+    pos = pos_ref[0]
+    gp = padded_group(group)
+    rows = lax.iota(jnp.int32, gp) < group
+    q = masked_load(q_ref.at[pl.ds(j * group, gp), :], rows[:, None])
+    lo, hi, start, stop = visible_blocks(pos, slots, block_k, window, splits, own_slot=False)
+    ragged = slots % block_k != 0
+
+    def body(i, carry):
+        off = pl.multiple_of(i * block_k, block_k)
+        slot = off + lax.iota(jnp.int32, block_k)
+        visible = (slot >= lo) & (slot < hi)  # V outside the visible range reads as 0: no NaN leaks
+        k = masked_load(k_ref.at[pl.ds(off, block_k), :], (slot < slots)[:, None] if ragged else None)
+        v = masked_load(v_ref.at[pl.ds(off, block_k), :], visible[:, None])
+        return attend_tile(q, k, v, None, None, slot, lo, hi, carry, scale=scale, softcap=softcap)
+
+    acc, m, l = lax.fori_loop(start, stop, body, init_state(gp, v_ref.shape[-1]))
+
+    # The new token (visible to itself under any window), in split 0 only; dropped past the capacity.
+    own = (split == 0) & (pos < slots)
+    kn, vn = kn_ref[...], vn_ref[...]
+    s_new = jnp.sum(q.astype(jnp.float32) * kn.astype(jnp.float32)[None, :], axis=1) * scale
+    if softcap is not None:
+        s_new = softcap * jnp.tanh(s_new / softcap)
+    s_new = jnp.where(own, s_new, MASKED)
+    m_new = jnp.maximum(m, s_new)
+    alpha = jnp.exp(m - m_new)
+    p_new = jnp.where(own, jnp.exp(s_new - m_new), 0.0)
+    acc = acc * alpha[:, None] + p_new[:, None] * vn.astype(jnp.float32)[None, :]
+    l, m = l * alpha + p_new, m_new
+
+    @pl.when(own)
+    def _():
+        k_out[pl.ds(pos, 1), :] = kn[None, :]
+        v_out[pl.ds(pos, 1), :] = vn[None, :]
+
+    out_rows = o_ref.at[pl.ds(j * group, gp), :]
+    tiny = jnp.finfo(jnp.float32).tiny
+    if splits == 1:
+        pl_triton.store(out_rows, (acc / jnp.maximum(l, tiny)[:, None]).astype(o_ref.dtype), mask=rows[:, None])
+        return
+    po_ref, pm_ref, pl_ref = partials
+    po_ref[split] = acc
+    pm_ref[split] = m
+    pl_ref[split] = l
+    if not interpret:
+        pl_triton.debug_barrier()  # every thread's partial stores precede the ticket's release
+    ticket = pl_triton.atomic_add(cnt_ref, (jnp.int32(0),), jnp.int32(1))
+
+    @pl.when(ticket == splits - 1)
+    def _():
+        def load(ref, t):  # volatile: from L2, not a stale L1 line (other programs wrote these)
+            return pl_triton.load(ref.at[t], volatile=True)
+
+        top = lax.fori_loop(0, splits, lambda t, top: jnp.maximum(top, load(pm_ref, t)),
+                            jnp.full((gp,), MASKED, jnp.float32))
+
+        def merge(t, carry):
+            out, total = carry
+            w = jnp.exp(load(pm_ref, t) - top)
+            return out + load(po_ref, t) * w[:, None], total + load(pl_ref, t) * w
+
+        out, total = lax.fori_loop(0, splits, merge, (jnp.zeros_like(acc), jnp.zeros_like(l)))
+        pl_triton.store(out_rows, (out / jnp.maximum(total, tiny)[:, None]).astype(o_ref.dtype),
+                        mask=rows[:, None])
+        cnt_ref[0] = jnp.int32(0)
+
+
+@partial(jax.jit, static_argnames=("scale", "window", "softcap", "block_k", "num_splits", "num_warps",
+                                   "num_stages", "interpret"))
+def decode_attention_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k: jax.Array, v: jax.Array,
+                            q_positions: jax.Array, *, scale: float, window: int | None = None,
+                            softcap: float | None = None, block_k: int | None = None, num_splits: int | None = None,
+                            num_warps: int | None = None, num_stages: int | None = None,
+                            interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Store k_new, v_new [B, 1, KVH, D] at q_positions [B, 1] of the cache k, v [B, KVH, S, D]
+    (in place where the caller donates it), and attend q [B, 1, H, D] over it -> (out [B, 1, H, Dv] in q's
+    dtype, k, v). Launch config defaults as `decode.choose_config`."""
+    reason = unsupported(q, k_new, v_new, k, v, q_positions)
+    if reason is not None:
+        raise ValueError(f"decode_attention_append: {reason}")
+    b, _, h, d = q.shape
+    kvh, slots, dv = k.shape[1], k.shape[2], v.shape[3]
+    cfg: DecodeConfig = choose_config(b, kvh, slots, d, k.dtype, block_k, num_splits, num_warps, num_stages)
+    g, gp, splits = h // kvh, padded_group(h // kvh), cfg.num_splits
+    kernel = partial(_append_kernel, scale=float(scale), window=window,
+                     softcap=None if softcap is None else float(softcap), block_k=cfg.block_k, splits=splits,
+                     group=g, slots=slots, interpret=interpret)
+    cache_k = pl.BlockSpec((None, None, slots, d), lambda i, j, s: (i, j, 0, 0))
+    cache_v = pl.BlockSpec((None, None, slots, dv), lambda i, j, s: (i, j, 0, 0))
+    counter = pl.BlockSpec((None, None, 1), lambda i, j, s: (i, j, 0))
+    in_specs = [
+        pl.BlockSpec((None, 1), lambda i, j, s: (i, 0)),
+        pl.BlockSpec((None, h, d), lambda i, j, s: (i, 0, 0)),
+        pl.BlockSpec((None, None, d), lambda i, j, s: (i, j, 0)),
+        pl.BlockSpec((None, None, dv), lambda i, j, s: (i, j, 0)),
+        cache_k, cache_v, counter,
+    ]
+    out_specs = [pl.BlockSpec((None, h, dv), lambda i, j, s: (i, 0, 0)), cache_k, cache_v, counter]
+    out_shape = [jax.ShapeDtypeStruct((b, h, dv), q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((b, kvh, 1), jnp.int32)]
+    if splits > 1:  # partials: unnormalized out [Gp, Dv], running max and sum [Gp] per split
+        out_specs += [pl.BlockSpec((None, None, splits, gp, dv), lambda i, j, s: (i, j, 0, 0, 0)),
+                      pl.BlockSpec((None, None, splits, gp), lambda i, j, s: (i, j, 0, 0)),
+                      pl.BlockSpec((None, None, splits, gp), lambda i, j, s: (i, j, 0, 0))]
+        out_shape += [jax.ShapeDtypeStruct((b, kvh, splits, gp, dv), jnp.float32),
+                      jax.ShapeDtypeStruct((b, kvh, splits, gp), jnp.float32),
+                      jax.ShapeDtypeStruct((b, kvh, splits, gp), jnp.float32)]
+    out, k, v, *_ = pl.pallas_call(
+        kernel,
+        grid=(b, kvh, splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases={4: 1, 5: 2, 6: 3},
+        interpret=interpret,
+        name="decode_attention_append",
+        **triton_params(cfg.num_warps, cfg.num_stages, interpret),
+    )(q_positions.astype(jnp.int32), q.reshape(b, h, d), k_new.reshape(b, kvh, d), v_new.reshape(b, kvh, dv),
+      k, v, jnp.zeros((b, kvh, 1), jnp.int32))
+    return out.reshape(b, 1, h, dv), k, v
+
+
+def reference(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
+              *, scale: float, window: int | None = None, softcap: float | None = None
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The oracle: ferrum_jax.ops.write_kv then ferrum_jax.ops.attention over the whole cache."""
+    k, v = ref_ops.write_kv(k, k_new, q_positions), ref_ops.write_kv(v, v_new, q_positions)
+    return ref_ops.attention(q, k, v, q_positions, scale=scale, window=window, softcap=softcap), k, v
+
+
+__all__ = ["decode_attention_append", "reference", "unsupported"]
