@@ -30,6 +30,7 @@ from ferrum_jax import ops as ref_ops  # noqa: E402
 from ferrum_jax.bench.ceilings import device_ceilings  # noqa: E402
 from ferrum_jax.cache import quantize_kv  # noqa: E402
 from pallas_kernels.attention.decode import decode_attention  # noqa: E402
+from pallas_kernels.attention.decode_append import decode_attention_append  # noqa: E402
 from pallas_kernels.attention.flash import flash_attention  # noqa: E402
 from pallas_kernels.attention.paged_decode import paged_decode_attention  # noqa: E402
 
@@ -162,6 +163,28 @@ def paged_call(cfg: dict):
     return lambda q, k, v, t, pos, s: paged_decode_attention(q, k, v, t, pos, scale=HEAD_DIM ** -0.5, **s, **cfg)
 
 
+APPEND_COPIES = 32  # caches per timed program: a 32-layer model's worth (>= 5x the L2 at batch 1 / 1k)
+
+
+def append_seconds(cfg: dict, sets: list[tuple], reps: int = 7) -> float:
+    """Seconds per decode_attention_append call, from one program calling it once on each input set
+    (caches donated and fed back, so the in-place cache write costs what it costs in a decode step)."""
+    def prog(sets):
+        outs = [decode_attention_append(q, k[:, :, :1].swapaxes(1, 2), v[:, :, :1].swapaxes(1, 2), k, v, pos,
+                                        scale=HEAD_DIM ** -0.5, **cfg) for q, k, v, pos, _ in sets]
+        return [(q, k2, v2, pos, sc) for (q, _, _, pos, sc), (_, k2, v2) in zip(sets, outs)], [o for o, _, _ in outs]
+    run = jax.jit(prog, donate_argnums=0)
+    sets, out = run(sets)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        sets, out = run(sets)
+        jax.block_until_ready((sets, out))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / len(sets)
+
+
 def xla_decode(q, k, v, pos, s):
     return ref_ops.attention(q, k, v, pos, scale=HEAD_DIM ** -0.5, **s)
 
@@ -244,13 +267,19 @@ def prefill_point(t: int, cfg: dict, with_cudnn: bool = True, hopper_configs: di
 
 
 def decode_point(batch: int, context: int, kv_dtype, cfg: dict, paged_cfg: dict | None, bw: float,
-                 with_xla: bool = False) -> dict:
+                 with_xla: bool = False, append_cfg: dict | None = None) -> dict:
     name = "bf16" if kv_dtype is None else jnp.dtype(kv_dtype).name
     nbytes = kv_bytes(batch, context, kv_dtype)
     row = {"kind": "decode", "batch": batch, "context": context, "heads": HEADS, "kv_heads": KV_HEADS, "kv_dtype": name,
            "kv_bytes": nbytes, "config": cfg}
     sets = [decode_inputs(batch, context, kv_dtype, seed=i) for i in range(copies_for(nbytes))]
     row["copies"] = len(sets)
+    if append_cfg is not None:  # the decode step's op: cache write + attention, one kernel
+        row["append_config"] = append_cfg
+        row["append_seconds"] = append_seconds(append_cfg, sets[:APPEND_COPIES])
+        row["append_fraction_of_copy_bw"] = nbytes / row["append_seconds"] / bw
+        if not cfg:
+            return row
     row["contiguous_seconds"] = copies_seconds(decode_call(cfg), sets)
     row["contiguous_fraction_of_copy_bw"] = nbytes / row["contiguous_seconds"] / bw
     if with_xla:
@@ -283,8 +312,9 @@ def sweep(args) -> list[dict]:
             else:
                 b, s = args.point or (1, 32768)
                 paged = cfg if args.kernel == "paged" else None
+                append = cfg if args.kernel == "append" else None
                 kvd = {"bf16": None, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[args.kv_dtype]
-                row = decode_point(b, s, kvd, {} if paged else cfg, paged, bw)
+                row = decode_point(b, s, kvd, {} if paged or append else cfg, paged, bw, append_cfg=append)
         except Exception as e:  # a config the compiler refuses: report and go on
             print(f"sweep {args.kernel} {cfg}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
@@ -354,7 +384,7 @@ def main() -> None:
     # --heads rebinds the module's HEADS / KV_HEADS, which every input builder reads.
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=("check", "sweep", "bench", "profile"))
-    p.add_argument("--kernel", choices=("flash", "decode", "paged"), default="flash")
+    p.add_argument("--kernel", choices=("flash", "decode", "paged", "append"), default="flash")
     p.add_argument("--skip-decode", action="store_true", help="bench: prefill only")
     p.add_argument("--grid", default="block_q=64,128 block_k=64,128 num_warps=4,8 num_stages=2,3",
                    help="sweep: 'name=v1,v2 name=...' keyword arguments of the kernel")

@@ -49,6 +49,8 @@ CASES = [
     (2, 16, 2, 97, 64, jnp.float32, [96, 52], None, 5.0, 32, 1),
     # a group of 3 (rows masked inside a 16-row tile), more splits than tiles, window and soft-cap
     (2, 6, 2, 53, 64, jnp.bfloat16, [52, 3], 33, 2.0, 16, 7),
+    # head_dim 256: the merge takes the 5 splits 2 at a time (a masked tail chunk)
+    (1, 4, 1, 80, 256, jnp.float32, [79], None, None, 16, 5),
     # default config; a row past the capacity (its write is dropped, as in KVCache.write)
     (4, 4, 2, 300, 64, jnp.float32, [299, 0, 151, 300], 64, None, None, None),
 ]
@@ -105,7 +107,8 @@ def test_kv_cache_write_attend_is_write_then_attend():
     cache = cache.write(1, *(jax.random.normal(jax.random.PRNGKey(i), (2, 40, 2, 64)) for i in (1, 2)),
                         jnp.broadcast_to(jnp.arange(40), (2, 40)))
     pos = jnp.asarray([[40], [17]], jnp.int32)
-    kw = dict(ops=Ops(), scale=0.125, window=None, softcap=None, kv_len=None)
+    refs = Ops(force=(("decode_attention_append", "xla"), ("decode_attention", "xla")))  # same on CPU and GPU
+    kw = dict(ops=refs, scale=0.125, window=None, softcap=None, kv_len=None)
     with record_dispatch() as log:
         got, new_cache = cache.write_attend(1, q, k_new, v_new, pos, **kw)
     assert [c.op for c in log] == ["decode_attention_append", "decode_attention"]

@@ -30,8 +30,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from ferrum_jax import ops as ref_ops
-from pallas_kernels.attention.decode import (MASKED, DecodeConfig, attend_tile, check_inputs, choose_config,
-                                             init_state, masked_load, padded_group, triton_params, visible_blocks)
+from pallas_kernels.attention.decode import (MASKED, DecodeConfig, _pow2_floor, attend_tile, check_inputs,
+                                             choose_config, init_state, masked_load, padded_group, triton_params,
+                                             visible_blocks)
 
 
 def unsupported(q, k_new, v_new, k, v, q_positions) -> str | None:
@@ -105,21 +106,37 @@ def _append_kernel(pos_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref, _cnt_in, o_ref,
 
     @pl.when(ticket == splits - 1)
     def _():
-        def load(ref, t):  # volatile: from L2, not a stale L1 line (other programs wrote these)
-            return pl_triton.load(ref.at[t], volatile=True)
+        # One pass over the splits, `chunk` at a time: each chunk's loads are issued together (one
+        # round trip to L2 per chunk, not three per split), folded in with a running max.
+        chunk = merge_chunk(splits, gp, acc.shape[1])
+        idx = lax.iota(jnp.int32, chunk)
 
-        top = lax.fori_loop(0, splits, lambda t, top: jnp.maximum(top, load(pm_ref, t)),
-                            jnp.full((gp,), MASKED, jnp.float32))
+        def merge(c, carry):
+            out, top, total = carry
+            first = c * chunk
+            valid = first + idx < splits
+            # volatile: from L2, not a stale L1 line (other programs wrote these)
+            m_c = pl_triton.load(pm_ref.at[pl.ds(first, chunk), :], mask=valid[:, None], other=MASKED, volatile=True)
+            l_c = pl_triton.load(pl_ref.at[pl.ds(first, chunk), :], mask=valid[:, None], other=0.0, volatile=True)
+            o_c = pl_triton.load(po_ref.at[pl.ds(first, chunk), :, :], mask=valid[:, None, None], other=0.0,
+                                 volatile=True)
+            new_top = jnp.maximum(top, jnp.max(m_c, axis=0))
+            a = jnp.exp(top - new_top)
+            w = jnp.exp(m_c - new_top[None, :])
+            return (out * a[:, None] + jnp.sum(o_c * w[:, :, None], axis=0), new_top,
+                    total * a + jnp.sum(l_c * w, axis=0))
 
-        def merge(t, carry):
-            out, total = carry
-            w = jnp.exp(load(pm_ref, t) - top)
-            return out + load(po_ref, t) * w[:, None], total + load(pl_ref, t) * w
-
-        out, total = lax.fori_loop(0, splits, merge, (jnp.zeros_like(acc), jnp.zeros_like(l)))
+        init = (jnp.zeros_like(acc), jnp.full((gp,), MASKED, jnp.float32), jnp.zeros_like(l))
+        out, _, total = lax.fori_loop(0, -(-splits // chunk), merge, init)
         pl_triton.store(out_rows, (out / jnp.maximum(total, tiny)[:, None]).astype(o_ref.dtype),
                         mask=rows[:, None])
         cnt_ref[0] = jnp.int32(0)
+
+
+def merge_chunk(splits: int, gp: int, dv: int) -> int:
+    """Splits merged per step: a power of two covering all of them where 8192 float32 partial
+    values (64 registers a thread at 4 warps) allow, fewer for long splits x wide heads."""
+    return max(1, min(1 << (splits - 1).bit_length(), _pow2_floor(8192 // (gp * dv))))
 
 
 @partial(jax.jit, static_argnames=("scale", "window", "softcap", "block_k", "num_splits", "num_warps",
