@@ -166,23 +166,29 @@ def paged_call(cfg: dict):
 APPEND_COPIES = 32  # caches per timed program: a 32-layer model's worth (>= 5x the L2 at batch 1 / 1k)
 
 
-def append_seconds(cfg: dict, sets: list[tuple], reps: int = 7) -> float:
-    """Seconds per decode_attention_append call, from one program calling it once on each input set
-    (caches donated and fed back, so the in-place cache write costs what it costs in a decode step)."""
+def append_seconds(cfg: dict, sets: list[tuple], reps: int = 7) -> tuple[float, float]:
+    """(seconds per decode_attention_append call from one program calling it once on each input
+    set, the kernel's own GPU time per call): caches donated and fed back, so the in-place cache
+    write costs what it costs in a decode step."""
     def prog(sets):
         outs = [decode_attention_append(q, k[:, :, :1].swapaxes(1, 2), v[:, :, :1].swapaxes(1, 2), k, v, pos,
                                         scale=HEAD_DIM ** -0.5, **cfg) for q, k, v, pos, _ in sets]
         return [(q, k2, v2, pos, sc) for (q, _, _, pos, sc), (_, k2, v2) in zip(sets, outs)], [o for o, _, _ in outs]
     run = jax.jit(prog, donate_argnums=0)
-    sets, out = run(sets)
-    jax.block_until_ready(out)
+    state = {"sets": sets}
+
+    def step():
+        state["sets"], out = run(state["sets"])
+        return out
+
+    jax.block_until_ready(step())
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        sets, out = run(sets)
-        jax.block_until_ready((sets, out))
+        jax.block_until_ready(step())
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) / len(sets)
+    kernel = kernel_seconds(lambda: step(), (), len(sets)).get("decode_attention_append", float("nan"))
+    return statistics.median(times) / len(sets), kernel
 
 
 def xla_decode(q, k, v, pos, s):
@@ -267,7 +273,7 @@ def prefill_point(t: int, cfg: dict, with_cudnn: bool = True, hopper_configs: di
 
 
 def decode_point(batch: int, context: int, kv_dtype, cfg: dict, paged_cfg: dict | None, bw: float,
-                 with_xla: bool = False, append_cfg: dict | None = None) -> dict:
+                 with_xla: bool = False, append_cfg: dict | None = None, kernel_times: bool = False) -> dict:
     name = "bf16" if kv_dtype is None else jnp.dtype(kv_dtype).name
     nbytes = kv_bytes(batch, context, kv_dtype)
     row = {"kind": "decode", "batch": batch, "context": context, "heads": HEADS, "kv_heads": KV_HEADS, "kv_dtype": name,
@@ -276,12 +282,18 @@ def decode_point(batch: int, context: int, kv_dtype, cfg: dict, paged_cfg: dict 
     row["copies"] = len(sets)
     if append_cfg is not None:  # the decode step's op: cache write + attention, one kernel
         row["append_config"] = append_cfg
-        row["append_seconds"] = append_seconds(append_cfg, sets[:APPEND_COPIES])
+        row["append_seconds"], row["append_kernel_seconds"] = append_seconds(append_cfg, sets[:APPEND_COPIES])
         row["append_fraction_of_copy_bw"] = nbytes / row["append_seconds"] / bw
+        row["append_kernel_us"] = row["append_kernel_seconds"] * 1e6
         if not cfg:
             return row
     row["contiguous_seconds"] = copies_seconds(decode_call(cfg), sets)
     row["contiguous_fraction_of_copy_bw"] = nbytes / row["contiguous_seconds"] / bw
+    if kernel_times:
+        few = sets[:APPEND_COPIES]
+        per = kernel_seconds(jax.jit(lambda few: [decode_call(cfg)(*a) for a in few]), (few,), len(few))
+        row["contiguous_kernel_us"] = per.get("decode_attention", float("nan")) * 1e6
+        row["contiguous_op_kernels_us"] = sum(per.values()) * 1e6
     if with_xla:
         row["xla_seconds"] = copies_seconds(xla_decode, sets)
         row["xla_fraction_of_copy_bw"] = nbytes / row["xla_seconds"] / bw
@@ -314,7 +326,8 @@ def sweep(args) -> list[dict]:
                 paged = cfg if args.kernel == "paged" else None
                 append = cfg if args.kernel == "append" else None
                 kvd = {"bf16": None, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[args.kv_dtype]
-                row = decode_point(b, s, kvd, {} if paged or append else cfg, paged, bw, append_cfg=append)
+                row = decode_point(b, s, kvd, {} if paged or append else cfg, paged, bw, append_cfg=append,
+                                   kernel_times=args.kernel == "decode")
         except Exception as e:  # a config the compiler refuses: report and go on
             print(f"sweep {args.kernel} {cfg}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
@@ -323,35 +336,40 @@ def sweep(args) -> list[dict]:
     return rows
 
 
-def profile(args) -> None:
-    """Kernel time per call (jax.profiler) of the decode op at --point: the kernel itself against
-    the whole op (kernel + the split combine + launch gaps)."""
+def kernel_seconds(run, args: tuple, calls: int) -> dict[str, float]:
+    """GPU time per call of each kernel (by name, jax.profiler) in one run of `run(*args)`, which
+    makes `calls` calls: what the kernels take without the launch gaps between them."""
     import collections
     import gzip
     import re
     import tempfile
 
-    b, s = args.point or (1, 32768)
-    bw = device_ceilings(reps=5)["copy_bandwidth_bytes_per_s"]
-    kvd = {"bf16": None, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[args.kv_dtype]
-    nbytes, cfg = kv_bytes(b, s, kvd), json.loads(args.decode_config)
-    sets = [decode_inputs(b, s, kvd, seed=i) for i in range(copies_for(nbytes))]
-    n = len(sets)
-    seconds = copies_seconds(decode_call(cfg), sets)
-    run = jax.jit(lambda sets: [decode_call(cfg)(*a) for a in sets])
-    jax.block_until_ready(run(sets))
+    jax.block_until_ready(run(*args))
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
-            jax.block_until_ready(run(sets))
+            jax.block_until_ready(run(*args))
         trace = json.loads(gzip.open(next(Path(d).rglob("*.trace.json.gz"))).read())["traceEvents"]
     gpu = {e["pid"] for e in trace if e.get("ph") == "M" and e.get("name") == "process_name"
            and "gpu" in e["args"]["name"].lower()}
     per = collections.Counter()
     for e in trace:
         if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e:
-            per[re.sub(r"[._]\d+$", "", re.sub(r"\(.*", "", e["name"]))[:60]] += e["dur"] * 1e-6 / n
+            per[re.sub(r"[._]\d+$", "", re.sub(r"\(.*", "", e["name"]))[:60]] += e["dur"] * 1e-6 / calls
+    return dict(per)
+
+
+def profile(args) -> None:
+    """Kernel time per call (jax.profiler) of the decode op at --point: the kernel itself against
+    the whole op (kernel + the split combine + launch gaps)."""
+    b, s = args.point or (1, 32768)
+    bw = device_ceilings(reps=5)["copy_bandwidth_bytes_per_s"]
+    kvd = {"bf16": None, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[args.kv_dtype]
+    nbytes, cfg = kv_bytes(b, s, kvd), json.loads(args.decode_config)
+    sets = [decode_inputs(b, s, kvd, seed=i) for i in range(copies_for(nbytes))]
+    seconds = copies_seconds(decode_call(cfg), sets)
+    per = kernel_seconds(jax.jit(lambda sets: [decode_call(cfg)(*a) for a in sets]), (sets,), len(sets))
     print(f"decode B={b} S={s} {args.kv_dtype} {cfg}: op {seconds * 1e6:.1f} us/call = {nbytes / seconds / bw:.1%} of copy BW")
-    for name, t in per.most_common(8):
+    for name, t in sorted(per.items(), key=lambda kv: -kv[1])[:8]:
         print(f"  {name:60s} {t * 1e6:8.1f} us/call  ({nbytes / t / bw:.1%} of copy BW if alone)")
 
 
