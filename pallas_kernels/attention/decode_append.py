@@ -9,7 +9,9 @@ writes, a query pad, the split combine) — each one a launch that costs more th
   the new token comes from the kernel's inputs, folded into the online softmax of split 0, which
   also stores it into the cache at slot q_pos (the cache is aliased in place; every program masks
   that slot, so no program reads it half-written).
-- The query group is read straight from q [B, H, D] with a row mask (no padded copy).
+- q, k_new and v_new reach the kernel as one [B, H + 2 KVH, D] operand (XLA writes it in one fusion
+  with the rope and the projection slices that produce them); the query group is read from it with
+  a row mask (no padded copy).
 - Splits merge in the kernel: each program writes its partials, then takes a ticket from a counter
   per (row, kv head) (an acquire-release atomic after a CTA barrier); the program that draws the
   last ticket reads every split's partials (volatile loads: not through L1) and writes the normalized output.
@@ -44,6 +46,8 @@ def unsupported(q, k_new, v_new, k, v, q_positions) -> str | None:
     kvh, dv = k.shape[1], v.shape[3]
     if k.shape[0] != b:
         return f"cache batch {k.shape[0]} != query batch {b}"
+    if dv != d:
+        return f"value head_dim {dv} != key head_dim {d} (q, k, v travel as one operand)"
     if k_new.shape != (b, 1, kvh, d) or v_new.shape != (b, 1, kvh, dv):
         return f"new k/v {k_new.shape}, {v_new.shape} are not [batch, 1, kv_heads, head_dim] = {(b, 1, kvh, d)}"
     if k_new.dtype != k.dtype or v_new.dtype != v.dtype:
@@ -53,13 +57,13 @@ def unsupported(q, k_new, v_new, k, v, q_positions) -> str | None:
     return None
 
 
-def _append_kernel(pos_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref, _cnt_in, o_ref, k_out, v_out, cnt_ref, *partials,
-                   scale, window, softcap, block_k, splits, group, slots, interpret):
+def _append_kernel(pos_ref, qkv_ref, k_ref, v_ref, _cnt_in, o_ref, k_out, v_out, cnt_ref, *partials,
+                   scale, window, softcap, block_k, splits, group, kv_heads, slots, interpret):
     j, split = pl.program_id(1), pl.program_id(2)
     pos = pos_ref[0]
     gp = padded_group(group)
     rows = lax.iota(jnp.int32, gp) < group
-    q = masked_load(q_ref.at[pl.ds(j * group, gp), :], rows[:, None])
+    q = masked_load(qkv_ref.at[pl.ds(j * group, gp), :], rows[:, None])
     lo, hi, start, stop = visible_blocks(pos, slots, block_k, window, splits, own_slot=False)
     ragged = slots % block_k != 0
 
@@ -75,7 +79,8 @@ def _append_kernel(pos_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref, _cnt_in, o_ref,
 
     # The new token (visible to itself under any window), in split 0 only; dropped past the capacity.
     own = (split == 0) & (pos < slots)
-    kn, vn = kn_ref[...], vn_ref[...]
+    heads = kv_heads * group  # qkv rows: [q heads; k heads; v heads]
+    kn, vn = qkv_ref[heads + j, :], qkv_ref[heads + kv_heads + j, :]
     s_new = jnp.sum(q.astype(jnp.float32) * kn.astype(jnp.float32)[None, :], axis=1) * scale
     if softcap is not None:
         s_new = softcap * jnp.tanh(s_new / softcap)
@@ -115,11 +120,11 @@ def _append_kernel(pos_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref, _cnt_in, o_ref,
             out, top, total = carry
             first = c * chunk
             valid = first + idx < splits
-            # volatile: from L2, not a stale L1 line (other programs wrote these)
-            m_c = pl_triton.load(pm_ref.at[pl.ds(first, chunk), :], mask=valid[:, None], other=MASKED, volatile=True)
-            l_c = pl_triton.load(pl_ref.at[pl.ds(first, chunk), :], mask=valid[:, None], other=0.0, volatile=True)
-            o_c = pl_triton.load(po_ref.at[pl.ds(first, chunk), :, :], mask=valid[:, None, None], other=0.0,
-                                 volatile=True)
+            # Plain loads: after the acquiring ticket the other programs' partials are visible, and
+            # no line of them can sit stale in this SM's L1 (nothing in this launch read them before).
+            m_c = pl_triton.load(pm_ref.at[pl.ds(first, chunk), :], mask=valid[:, None], other=MASKED)
+            l_c = pl_triton.load(pl_ref.at[pl.ds(first, chunk), :], mask=valid[:, None], other=0.0)
+            o_c = pl_triton.load(po_ref.at[pl.ds(first, chunk), :, :], mask=valid[:, None, None], other=0.0)
             new_top = jnp.maximum(top, jnp.max(m_c, axis=0))
             a = jnp.exp(top - new_top)
             w = jnp.exp(m_c - new_top[None, :])
@@ -156,17 +161,18 @@ def decode_attention_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k:
     kvh, slots, dv = k.shape[1], k.shape[2], v.shape[3]
     cfg: DecodeConfig = choose_config(b, kvh, slots, d, k.dtype, block_k, num_splits, num_warps, num_stages)
     g, gp, splits = h // kvh, padded_group(h // kvh), cfg.num_splits
+    # One operand for the new token's q, k, v: XLA fuses their producers (the rope of q and k, the
+    # slices of the fused projection) into the one fusion that writes it.
+    qkv = jnp.concatenate([q.reshape(b, h, d), k_new.reshape(b, kvh, d), v_new.reshape(b, kvh, dv)], axis=1)
     kernel = partial(_append_kernel, scale=float(scale), window=window,
                      softcap=None if softcap is None else float(softcap), block_k=cfg.block_k, splits=splits,
-                     group=g, slots=slots, interpret=interpret)
+                     group=g, kv_heads=kvh, slots=slots, interpret=interpret)
     cache_k = pl.BlockSpec((None, None, slots, d), lambda i, j, s: (i, j, 0, 0))
     cache_v = pl.BlockSpec((None, None, slots, dv), lambda i, j, s: (i, j, 0, 0))
     counter = pl.BlockSpec((None, None, 1), lambda i, j, s: (i, j, 0))
     in_specs = [
         pl.BlockSpec((None, 1), lambda i, j, s: (i, 0)),
-        pl.BlockSpec((None, h, d), lambda i, j, s: (i, 0, 0)),
-        pl.BlockSpec((None, None, d), lambda i, j, s: (i, j, 0)),
-        pl.BlockSpec((None, None, dv), lambda i, j, s: (i, j, 0)),
+        pl.BlockSpec((None, h + 2 * kvh, d), lambda i, j, s: (i, 0, 0)),
         cache_k, cache_v, counter,
     ]
     out_specs = [pl.BlockSpec((None, h, dv), lambda i, j, s: (i, 0, 0)), cache_k, cache_v, counter]
@@ -185,12 +191,11 @@ def decode_attention_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k:
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        input_output_aliases={4: 1, 5: 2, 6: 3},
+        input_output_aliases={2: 1, 3: 2, 4: 3},
         interpret=interpret,
         name="decode_attention_append",
         **triton_params(cfg.num_warps, cfg.num_stages, interpret),
-    )(q_positions.astype(jnp.int32), q.reshape(b, h, d), k_new.reshape(b, kvh, d), v_new.reshape(b, kvh, dv),
-      k, v, jnp.zeros((b, kvh, 1), jnp.int32))
+    )(q_positions.astype(jnp.int32), qkv, k, v, jnp.zeros((b, kvh, 1), jnp.int32))
     return out.reshape(b, 1, h, dv), k, v
 
 
