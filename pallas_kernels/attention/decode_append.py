@@ -101,10 +101,12 @@ def _append_kernel(pos_ref, qkv_ref, k_ref, v_ref, _cnt_in, o_ref, k_out, v_out,
     if splits == 1:
         pl_triton.store(out_rows, (acc / jnp.maximum(l, tiny)[:, None]).astype(o_ref.dtype), mask=rows[:, None])
         return
+    # Partials keep only the group's rows (padded to a power of two, not to the dot's 16): the
+    # merging program reads every split's partials through one SM, so bytes here are time.
     po_ref, pm_ref, pl_ref = partials
-    po_ref[split] = acc
-    pm_ref[split] = m
-    pl_ref[split] = l
+    pl_triton.store(po_ref.at[split, pl.ds(0, gp), :], acc, mask=rows[:, None])
+    pl_triton.store(pm_ref.at[split, pl.ds(0, gp)], m, mask=rows)
+    pl_triton.store(pl_ref.at[split, pl.ds(0, gp)], l, mask=rows)
     if not interpret:
         pl_triton.debug_barrier()  # every thread's partial stores precede the ticket's release
     ticket = pl_triton.atomic_add(cnt_ref, (jnp.int32(0),), jnp.int32(1))
@@ -113,7 +115,8 @@ def _append_kernel(pos_ref, qkv_ref, k_ref, v_ref, _cnt_in, o_ref, k_out, v_out,
     def _():
         # One pass over the splits, `chunk` at a time: each chunk's loads are issued together (one
         # round trip to L2 per chunk, not three per split), folded in with a running max.
-        chunk = merge_chunk(splits, gp, acc.shape[1])
+        gr, dv = pm_ref.shape[1], acc.shape[1]
+        chunk = merge_chunk(splits, gr, dv)
         idx = lax.iota(jnp.int32, chunk)
 
         def merge(c, carry):
@@ -131,17 +134,18 @@ def _append_kernel(pos_ref, qkv_ref, k_ref, v_ref, _cnt_in, o_ref, k_out, v_out,
             return (out * a[:, None] + jnp.sum(o_c * w[:, :, None], axis=0), new_top,
                     total * a + jnp.sum(l_c * w, axis=0))
 
-        init = (jnp.zeros_like(acc), jnp.full((gp,), MASKED, jnp.float32), jnp.zeros_like(l))
+        init = (jnp.zeros((gr, dv), jnp.float32), jnp.full((gr,), MASKED, jnp.float32),
+                jnp.zeros((gr,), jnp.float32))
         out, _, total = lax.fori_loop(0, -(-splits // chunk), merge, init)
-        pl_triton.store(out_rows, (out / jnp.maximum(total, tiny)[:, None]).astype(o_ref.dtype),
-                        mask=rows[:, None])
+        out = (out / jnp.maximum(total, tiny)[:, None]).astype(o_ref.dtype)
+        pl_triton.store(o_ref.at[pl.ds(j * group, gr), :], out, mask=(lax.iota(jnp.int32, gr) < group)[:, None])
         cnt_ref[0] = jnp.int32(0)
 
 
-def merge_chunk(splits: int, gp: int, dv: int) -> int:
+def merge_chunk(splits: int, rows: int, dv: int) -> int:
     """Splits merged per step: a power of two covering all of them where 8192 float32 partial
     values (64 registers a thread at 4 warps) allow, fewer for long splits x wide heads."""
-    return max(1, min(1 << (splits - 1).bit_length(), _pow2_floor(8192 // (gp * dv))))
+    return max(1, min(1 << (splits - 1).bit_length(), _pow2_floor(8192 // (rows * dv))))
 
 
 @partial(jax.jit, static_argnames=("scale", "window", "softcap", "block_k", "num_splits", "num_warps",
@@ -160,7 +164,8 @@ def decode_attention_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k:
     b, _, h, d = q.shape
     kvh, slots, dv = k.shape[1], k.shape[2], v.shape[3]
     cfg: DecodeConfig = choose_config(b, kvh, slots, d, k.dtype, block_k, num_splits, num_warps, num_stages)
-    g, gp, splits = h // kvh, padded_group(h // kvh), cfg.num_splits
+    g, splits = h // kvh, cfg.num_splits
+    gr = 1 << (g - 1).bit_length()  # partial rows: the group, padded to a power of two
     # One operand for the new token's q, k, v: XLA fuses their producers (the rope of q and k, the
     # slices of the fused projection) into the one fusion that writes it.
     qkv = jnp.concatenate([q.reshape(b, h, d), k_new.reshape(b, kvh, d), v_new.reshape(b, kvh, dv)], axis=1)
@@ -178,13 +183,13 @@ def decode_attention_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k:
     out_specs = [pl.BlockSpec((None, h, dv), lambda i, j, s: (i, 0, 0)), cache_k, cache_v, counter]
     out_shape = [jax.ShapeDtypeStruct((b, h, dv), q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((b, kvh, 1), jnp.int32)]
-    if splits > 1:  # partials: unnormalized out [Gp, Dv], running max and sum [Gp] per split
-        out_specs += [pl.BlockSpec((None, None, splits, gp, dv), lambda i, j, s: (i, j, 0, 0, 0)),
-                      pl.BlockSpec((None, None, splits, gp), lambda i, j, s: (i, j, 0, 0)),
-                      pl.BlockSpec((None, None, splits, gp), lambda i, j, s: (i, j, 0, 0))]
-        out_shape += [jax.ShapeDtypeStruct((b, kvh, splits, gp, dv), jnp.float32),
-                      jax.ShapeDtypeStruct((b, kvh, splits, gp), jnp.float32),
-                      jax.ShapeDtypeStruct((b, kvh, splits, gp), jnp.float32)]
+    if splits > 1:  # partials: unnormalized out [gr, Dv], running max and sum [gr] per split
+        out_specs += [pl.BlockSpec((None, None, splits, gr, dv), lambda i, j, s: (i, j, 0, 0, 0)),
+                      pl.BlockSpec((None, None, splits, gr), lambda i, j, s: (i, j, 0, 0)),
+                      pl.BlockSpec((None, None, splits, gr), lambda i, j, s: (i, j, 0, 0))]
+        out_shape += [jax.ShapeDtypeStruct((b, kvh, splits, gr, dv), jnp.float32),
+                      jax.ShapeDtypeStruct((b, kvh, splits, gr), jnp.float32),
+                      jax.ShapeDtypeStruct((b, kvh, splits, gr), jnp.float32)]
     out, k, v, *_ = pl.pallas_call(
         kernel,
         grid=(b, kvh, splits),
