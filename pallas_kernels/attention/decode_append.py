@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from ferrum_jax import ops as ref_ops
-from pallas_kernels.attention.decode import (MASKED, DecodeConfig, _pow2_floor, attend_tile, check_inputs,
+from pallas_kernels.attention.decode import (MASKED, SM_COUNT, DecodeConfig, _pow2_floor, attend_tile, check_inputs,
                                              choose_config, init_state, masked_load, padded_group, triton_params,
                                              visible_blocks)
 
@@ -142,6 +142,27 @@ def _append_kernel(pos_ref, qkv_ref, k_ref, v_ref, _cnt_in, o_ref, k_out, v_out,
         cnt_ref[0] = jnp.int32(0)
 
 
+# Defaults from an H200 sweep at batch 1 (bench/results/attention_sweep_append_*): 64-slot bf16
+# tiles, about two tiles per split, at most 16 splits (the merge reads every split's partials
+# through one SM), 3 stages. Batch 1 at 2k context: 16 splits 7.4 us, 4 splits 10.7 us.
+TILE_BYTES = 16 * 1024
+MIN_BLOCKS_PER_SPLIT = 2
+MAX_SPLITS = 16
+
+
+def default_config(batch: int, kv_heads: int, slots: int, head_dim: int, cache_dtype, block_k: int | None = None,
+                   num_splits: int | None = None, num_warps: int | None = None,
+                   num_stages: int | None = None) -> DecodeConfig:
+    """The launch config: given values kept (and checked by `decode.choose_config`), the rest from
+    the constants above."""
+    itemsize = jnp.dtype(cache_dtype).itemsize
+    fit = 1 << (max(slots, 2) - 1).bit_length()  # no tile longer than the cache
+    bk = block_k or max(16, min(_pow2_floor(TILE_BYTES // (head_dim * itemsize)), fit))
+    want = -(-2 * SM_COUNT // (batch * kv_heads))  # two programs per SM
+    splits = num_splits or max(1, min(want, -(-slots // bk) // MIN_BLOCKS_PER_SPLIT, MAX_SPLITS))
+    return choose_config(batch, kv_heads, slots, head_dim, cache_dtype, bk, splits, num_warps, num_stages or 3)
+
+
 def merge_chunk(splits: int, rows: int, dv: int) -> int:
     """Splits merged per step: a power of two covering all of them where 8192 float32 partial
     values (64 registers a thread at 4 warps) allow, fewer for long splits x wide heads."""
@@ -163,7 +184,7 @@ def decode_attention_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k:
         raise ValueError(f"decode_attention_append: {reason}")
     b, _, h, d = q.shape
     kvh, slots, dv = k.shape[1], k.shape[2], v.shape[3]
-    cfg: DecodeConfig = choose_config(b, kvh, slots, d, k.dtype, block_k, num_splits, num_warps, num_stages)
+    cfg = default_config(b, kvh, slots, d, k.dtype, block_k, num_splits, num_warps, num_stages)
     g, splits = h // kvh, cfg.num_splits
     gr = 1 << (g - 1).bit_length()  # partial rows: the group, padded to a power of two
     # One operand for the new token's q, k, v: XLA fuses their producers (the rope of q and k, the
