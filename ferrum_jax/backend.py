@@ -204,6 +204,10 @@ class Ops:
     def rms_norm(self, x, w, *, eps: float, offset: float = 0.0):
         return self.call("rms_norm", x, w, eps=eps, offset=offset)
 
+    def add_rms_norm(self, x, residual, w, *, eps: float, offset: float = 0.0):
+        """(s, rms_norm(s, w)) with s = x + residual: a residual add and the norm after it (ferrum_jax.ops)."""
+        return self.call("add_rms_norm", x, residual, w, eps=eps, offset=offset)
+
     def rope(self, x, positions, rope):
         return self.call("rope", x, positions, rope)
 

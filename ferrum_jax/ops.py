@@ -39,6 +39,14 @@ def rms_norm(x: jax.Array, w: jax.Array, *, eps: float, offset: float = 0.0) -> 
     return (xf * (offset + w.astype(jnp.float32))).astype(x.dtype)
 
 
+def add_rms_norm(x: jax.Array, residual: jax.Array, w: jax.Array, *, eps: float,
+                 offset: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """A residual add and the norm after it: (s, rms_norm(s, w)) with s = x + residual. One op so a
+    GPU kernel can do both in one pass (XLA compiles them to three small kernels)."""
+    s = x + residual
+    return s, rms_norm(s, w, eps=eps, offset=offset)
+
+
 def rope(x: jax.Array, positions: jax.Array, rope: Rope) -> jax.Array:
     """Rotate-half rotary embedding (the HF layout) on x [B, T, H, D] at positions [B, T]."""
     inv_freq = jnp.asarray(rope.inv_freq())
@@ -187,6 +195,7 @@ for _op, _fn, _applies in [
     ("embed", embed, lambda tokens, table: _dense_only(tokens, table)),
     ("linear", linear, _dense_only),
     ("rms_norm", rms_norm, None),
+    ("add_rms_norm", add_rms_norm, None),
     ("rope", rope, None),
     ("activation", activation, None),
     ("gated_mlp", gated_mlp, None),
