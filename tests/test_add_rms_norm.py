@@ -15,6 +15,7 @@ from ferrum_jax import norm_kernels  # noqa: F401  registers pallas_add_rms_norm
 from ferrum_jax import ops as ref_ops
 from ferrum_jax.backend import Ops
 from pallas_kernels.norm import add_rms_norm as kernel
+from tests.test_decode_attention import _can_lower_for_cuda
 
 INTERPRET = jax.default_backend() != "gpu"  # the real kernel on a GPU, interpret mode elsewhere
 EPS = 1e-6
@@ -142,22 +143,6 @@ def test_mesh_runs_the_reference():
 
 # ---------------------------------------------------------------------------------------------
 # CUDA lowering
-
-
-def _can_lower_for_cuda() -> str | None:
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as pl_triton  # registers the Triton lowering
-
-    def copy(x_ref, o_ref):
-        o_ref[...] = x_ref[...]
-
-    try:
-        f = lambda x: pl.pallas_call(copy, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                     compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=1))(x)
-        jax.jit(f).trace(jax.ShapeDtypeStruct((16, 16), jnp.float32)).lower(lowering_platforms=("cuda",))
-    except Exception as e:  # noqa: BLE001  any failure means this jax cannot lower Pallas for CUDA here
-        return f"this jax cannot lower Pallas for cuda on {jax.default_backend()}: {type(e).__name__}: {e}"
-    return None
 
 
 @pytest.mark.parametrize("shape,dtype,offset", [

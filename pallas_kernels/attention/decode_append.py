@@ -177,8 +177,8 @@ def decode_attention_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k:
                             num_warps: int | None = None, num_stages: int | None = None,
                             interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Store k_new, v_new [B, 1, KVH, D] at q_positions [B, 1] of the cache k, v [B, KVH, S, D]
-    (in place where the caller donates it), and attend q [B, 1, H, D] over it -> (out [B, 1, H, Dv] in q's
-    dtype, k, v). Launch config defaults as `decode.choose_config`."""
+    (in place where the caller donates it), and attend q [B, 1, H, D] over it -> (out [B, 1, H, Dv]
+    in q's dtype, k, v). The launch config defaults as `default_config`."""
     reason = unsupported(q, k_new, v_new, k, v, q_positions)
     if reason is not None:
         raise ValueError(f"decode_attention_append: {reason}")
