@@ -49,6 +49,9 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--out", default="/tmp/ferrum-profile")
+    ap.add_argument("--sequence", type=int, default=0, metavar="N",
+                    help="also print N consecutive kernels of the last step in launch order (one layer's worth)")
+    ap.add_argument("--hlo", default="", metavar="PATH", help="write the optimized HLO of the decode program here")
     ap.add_argument("--force", default="", metavar="OP=IMPL,...", help="pin ops, e.g. decode_attention_append=xla")
     args = ap.parse_args()
     ops = Ops(force=tuple(tuple(p.split("=", 1)) for p in args.force.split(",") if p))
@@ -66,6 +69,9 @@ def main() -> None:
     state, cache = run(host_state(args.batch, capacity, cfg.vocab_size, args.context), cache)
     jax.block_until_ready(cache)
     state = host_state(args.batch, capacity, cfg.vocab_size, args.context)
+    if args.hlo:
+        lowered = decode.lower(weights, cache, state, params, n, cfg=cfg, ops=ops)
+        Path(args.hlo).write_text(lowered.compile().as_text())
     out = Path(args.out)
     with jax.profiler.trace(str(out)):
         t0 = time.perf_counter()
@@ -83,6 +89,14 @@ def main() -> None:
           f"GPU kernels {busy / args.steps / 1e3:.3f} ms/step, {sum(v[1] for v in by.values()) / args.steps:.0f} kernels/step")
     for name, (dur, count) in sorted(by.items(), key=lambda kv: -kv[1][0])[:25]:
         print(f"  {dur / args.steps:9.1f} us/step {count / args.steps:6.1f}/step  {dur / count:7.1f} us each  {name}")
+    if args.sequence:
+        # The middle of the last step: a layer away from the loop's first and last kernels.
+        events.sort(key=lambda e: e["ts"])
+        per_step = len(events) // args.steps
+        start = len(events) - per_step // 2
+        print(f"kernels {start}..{start + args.sequence} in launch order (us, gap before):")
+        for prev, e in zip(events[start - 1:], events[start:start + args.sequence]):
+            print(f"  {e['dur']:7.1f}  +{e['ts'] - prev['ts'] - prev['dur']:5.1f}  {e['name'][:90]}")
 
 
 main()
