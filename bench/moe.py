@@ -57,6 +57,7 @@ from ferrum_jax.bench.weights import random_gguf_weight  # noqa: E402
 from ferrum_jax.quant.qweight import GGUF_FORMATS, QuantWeight, gptq_format  # noqa: E402
 from ferrum_jax.quant.repack import repack_gguf  # noqa: E402
 from pallas_kernels import moe  # noqa: E402
+from pallas_kernels.moe import decode as moe_decode  # noqa: E402
 from pallas_kernels.moe import grouped_quant as gq  # noqa: E402
 
 QWEN3_30B = dict(experts=128, top_k=8, hidden=2048, ff=768)
@@ -141,6 +142,12 @@ def layer_seconds(moe_fn, x, ids, w, weights, reps: int) -> float:
 def grouped_moe(x, ids, w, g, u, d):
     """The Pallas kernels (interpret mode off the GPU), choose_config's tiles."""
     return moe.moe_experts_pallas(x, ids, w, g, u, d, "silu", interpret=jax.default_backend() != "gpu")
+
+
+def decode_moe(x, ids, w, g, u, d, config=None):
+    """The decode GEMV kernels (pallas_kernels/moe/decode.py), T*k <= E/4 only."""
+    return moe_decode.moe_experts_decode(x, ids, w, g, u, d, "silu", config=config,
+                                         interpret=jax.default_backend() != "gpu")
 
 
 def reference_moe(x, ids, w, g, u, d):
@@ -294,15 +301,18 @@ def decode(args, shape: dict, dtype, key, bandwidth: float) -> list[dict]:
         distinct = float(np.mean([len(np.unique(np.asarray(i))) for i in ids]))
         active = distinct * expert_bytes
         row = dict(tokens=t, iters=args.decode_iters, distinct_experts=distinct, active_weight_bytes=active)
-        for name, fn, ws in (("grouped", grouped_moe, (wg, wu, wd)), ("xla_reference", reference_moe, (wg, wu, wd)),
-                             ("ragged_dot", ragged_moe, transposed)):
+        runs = [("grouped", grouped_moe, (wg, wu, wd)), ("xla_reference", reference_moe, (wg, wu, wd)),
+                ("ragged_dot", ragged_moe, transposed)]
+        if moe_decode.unsupported(x, ids[0], w[0], wg, wu, wd, "silu") is None:
+            runs.insert(0, ("decode_gemv", decode_moe, (wg, wu, wd)))
+        for name, fn, ws in runs:
             s = layer_seconds(fn, x, ids, w, ws, args.reps)
             row[name] = dict(seconds=s, active_weight_bytes=active, bytes_per_s=active / s,
                              bw_fraction=active / s / bandwidth)
         rows.append(row)
         print(f"decode T={t:3d} ({distinct:5.1f} experts, {active / 1e6:7.1f} MB) "
               + " | ".join(f"{n} {row[n]['seconds'] * 1e6:8.1f} us {row[n]['bw_fraction']:6.1%} BW"
-                           for n in ("grouped", "xla_reference", "ragged_dot")), flush=True)
+                           for n, _, _ in runs), flush=True)
     return rows
 
 
@@ -369,6 +379,60 @@ def sweep(args, shape: dict, dtype, key) -> list[dict]:
     return rows
 
 
+def sweep_decode(args, shape: dict, dtype, key) -> list[dict]:
+    """The decode GEMV kernels' tiles: each config (the same block_n / block_k / warps / stages for
+    both kernels, cut to divide) over `decode_iters` distinct routings in one jitted loop; GPU time
+    per call of each kernel from the profiler, as a fraction of the copy bandwidth over the bytes of
+    the selected experts' matrices it streams."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from attention import kernel_seconds as profiled_seconds
+
+    e, k, h, f = shape["experts"], shape["top_k"], shape["hidden"], shape["ff"]
+    wg, wu, wd = stacks(jax.random.fold_in(key, 9), e, h, f, dtype)
+    bw = device_ceilings(reps=5)["copy_bandwidth_bytes_per_s"]
+    item = jnp.dtype(dtype).itemsize
+    rows = []
+    for t in args.decode_tokens:
+        ids, w = routes(jax.random.fold_in(key, 3000 + t), args.decode_iters, t, e, k)
+        x = jax.random.normal(jax.random.fold_in(key, t), (t, h), jnp.float32).astype(dtype)
+        if moe_decode.unsupported(x, ids[0], w[0], wg, wu, wd, "silu") is not None:
+            continue
+        picked = t * k  # entries; an expert shared by two tokens is streamed twice
+        nbytes = {"moe_decode_gate_up": picked * 2 * f * h * item, "moe_decode_down": picked * f * h * item}
+        for bn, bk, nw, ns in itertools.product(args.block_n, args.block_k, args.warps, args.stages):
+            tiles = moe_decode.GemvTiles(bn, bk, nw, ns)
+            cfg = moe_decode.choose_config(h, f, moe_decode.DecodeConfig(tiles, tiles))
+
+            @jax.jit
+            def loop(x, ids, w, cfg=cfg):
+                body = lambda i, x: x + decode_moe(x, ids[i], w[i], wg, wu, wd, config=cfg)  # noqa: E731
+                return jax.lax.fori_loop(0, ids.shape[0], body, x)
+
+            try:
+                per = profiled_seconds(loop, (x, ids, w), ids.shape[0])
+            except Exception as exc:  # noqa: BLE001  a config the compiler rejects is skipped
+                print(f"  T={t} {tiles}: {type(exc).__name__} {str(exc)[:120]}", flush=True)
+                continue
+            row = {"tokens": t, "gate_up": dataclasses.asdict(cfg.gate_up), "down": dataclasses.asdict(cfg.down)}
+            for name, nb in nbytes.items():
+                s = per.get(name, float("nan"))
+                row[name] = dict(seconds=s, bw_fraction=nb / s / bw)
+            rows.append(row)
+            print(f"  T={t:3d} {tiles}  gate_up {row['moe_decode_gate_up']['seconds'] * 1e6:6.1f} us "
+                  f"{row['moe_decode_gate_up']['bw_fraction']:6.1%}  down {row['moe_decode_down']['seconds'] * 1e6:6.1f} us "
+                  f"{row['moe_decode_down']['bw_fraction']:6.1%} (down tiles {cfg.down.block_n}x{cfg.down.block_k})",
+                  flush=True)
+        for name in nbytes:
+            mine = [r for r in rows if r["tokens"] == t]
+            if mine:
+                b = min(mine, key=lambda r: r[name]["seconds"])
+                print(f"BEST T={t} {name} {b['gate_up' if 'gate' in name else 'down']} "
+                      f"{b[name]['seconds'] * 1e6:.1f} us {b[name]['bw_fraction']:.1%}", flush=True)
+        if args.out:
+            _write(args, "sweep-decode", {"shape": shape, "copy_bandwidth_bytes_per_s": bw, "points": rows})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", nargs="+", type=int, default=[8, 64, 512, 4096])
@@ -377,6 +441,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decode-iters", type=int, default=64)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--sweep", action="store_true", help="sweep each kernel's tiles instead")
+    p.add_argument("--sweep-decode", action="store_true",
+                   help="sweep the decode GEMV kernels' tiles (--block-n/--block-k/--warps/--stages, --decode-tokens)")
     p.add_argument("--block-m", nargs="+", type=int, default=[16, 64])
     p.add_argument("--block-n", nargs="+", type=int, default=[32, 64, 128])
     p.add_argument("--block-k", nargs="+", type=int, default=[64, 128, 256])
@@ -397,6 +463,9 @@ def main(argv: list[str] | None = None) -> None:
         args.iters, args.decode_iters, args.reps = 2, 2, 1
         args.block_m, args.block_n, args.block_k, args.warps, args.stages = [16], [32], [64], [4], [3]
     key = jax.random.PRNGKey(0)
+    if args.sweep_decode:
+        sweep_decode(args, shape, dtype, key)
+        return
     if args.sweep:
         result = dict(shape=shape, points=sweep(args, shape, dtype, key))
     else:

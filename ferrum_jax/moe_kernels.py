@@ -2,6 +2,10 @@
 
 moe_experts, tried in this order:
 
+  pallas_decode         GPU; decode-sized batches (T*k <= E/4) of dense expert stacks: GEMV kernels
+                        over the selected experts straight from the top-k ids, the slots summed
+                        inside the down kernel (pallas_kernels/moe/decode.py): no alignment, no
+                        padding rows, no combine kernel.
   pallas_grouped        GPU; dense bf16/f16/f32 expert stacks, an activation the kernel epilogue
                         computes (silu, gelu_pytorch_tanh, gelu_new, relu), block sizes that divide
                         hidden and ff: routing alignment in jnp, then one grouped Pallas matmul per
@@ -18,7 +22,8 @@ What neither takes runs on the references: GGUFWeight stacks (types without a ke
 Q2_K / Q3_K) and GPTQ act-order stacks on "xla_dequant", exact "gelu" and shapes that are not whole
 tiles on "xla" / "xla_dequant".
 
-moe_route stays the XLA reference on every platform (see pallas_kernels/moe/align.py for why).
+moe_route -> pallas_route on GPU: the router matmul (`ops.linear`), then softmax, top k and the
+renormalisation in one kernel (pallas_kernels/moe/route.py) instead of XLA's softmax + sort + divide.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from ferrum_jax import moe_ops as _moe_ops  # noqa: F401  the references first: 
 from ferrum_jax.backend import Impl, register
 from ferrum_jax.quant.qweight import QuantWeight
 from pallas_kernels import moe
+from pallas_kernels.moe import decode as moe_decode
 from pallas_kernels.moe import grouped_quant
+from pallas_kernels.moe import route as moe_route
 
 
 def _grouped_applies(x: Any, ids: Any, weights: Any, w_gate: Any, w_up: Any, w_down: Any, kind: str, *,
@@ -42,6 +49,34 @@ def _grouped_applies(x: Any, ids: Any, weights: Any, w_gate: Any, w_up: Any, w_d
 def grouped_experts(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate: jax.Array, w_up: jax.Array | None,
                     w_down: jax.Array, kind: str, *, expert_offset: int | jax.Array = 0, ops: Any = None) -> jax.Array:
     return moe.moe_experts_pallas(x, ids, weights, w_gate, w_up, w_down, kind, expert_offset=expert_offset)
+
+
+def _decode_applies(x: Any, ids: Any, weights: Any, w_gate: Any, w_up: Any, w_down: Any, kind: str, *,
+                    expert_offset: Any = 0, ops: Any = None) -> str | None:
+    return moe_decode.unsupported(x, ids, weights, w_gate, w_up, w_down, kind)
+
+
+def decode_experts(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate: jax.Array, w_up: jax.Array | None,
+                   w_down: jax.Array, kind: str, *, expert_offset: int | jax.Array = 0, ops: Any = None) -> jax.Array:
+    return moe_decode.moe_experts_decode(x, ids, weights, w_gate, w_up, w_down, kind, expert_offset=expert_offset)
+
+
+def _router_experts(router: Any) -> int:
+    shape = router.logical_shape if hasattr(router, "logical_shape") else router.shape
+    return int(shape[0])
+
+
+def _route_applies(x: Any, router: Any, *, top_k: int, norm_topk_prob: bool, ops: Any = None) -> str | None:
+    e = _router_experts(router)
+    if not 1 <= e <= moe_route.MAX_EXPERTS:
+        return f"{e} experts (1 to {moe_route.MAX_EXPERTS} in one block)"
+    if not 1 <= top_k <= e:
+        return f"top_k {top_k} is not in 1..{e} experts"
+    return None
+
+
+def pallas_route(x: jax.Array, router: Any, *, top_k: int, norm_topk_prob: bool, ops: Any) -> tuple[jax.Array, jax.Array]:
+    return moe_route.route_topk(ops.linear(x, router), top_k=top_k, norm_topk_prob=norm_topk_prob)
 
 
 def _grouped_quant_applies(x: Any, ids: Any, weights: Any, w_gate: Any, w_up: Any, w_down: Any, kind: str, *,
@@ -55,6 +90,10 @@ def grouped_quant_experts(x: jax.Array, ids: jax.Array, weights: jax.Array, w_ga
     return grouped_quant.moe_experts_quant(x, ids, weights, w_gate, w_up, w_down, kind, expert_offset=expert_offset)
 
 
+register("moe_route", Impl("pallas_route", pallas_route, platforms=frozenset({"gpu"}), partitionable=False,
+                           applies=_route_applies))
+register("moe_experts", Impl("pallas_decode", decode_experts, platforms=frozenset({"gpu"}), partitionable=False,
+                             applies=_decode_applies))
 register("moe_experts", Impl("pallas_grouped", grouped_experts, platforms=frozenset({"gpu"}), partitionable=False,
                              applies=_grouped_applies))
 register("moe_experts", Impl("pallas_grouped_quant", grouped_quant_experts, platforms=frozenset({"gpu"}),

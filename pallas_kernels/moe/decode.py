@@ -1,0 +1,237 @@
+"""Decode-sized MoE (a few tokens): GEMV kernels over the selected experts, no alignment step.
+
+At decode every (token, slot) entry has its own expert and a single row: the grouped kernels'
+alignment (a handful of tiny XLA kernels), their 16-row tensor-core tiles (15 rows padding) and the
+gather-and-sum of the slots afterwards cost more than the matmuls at batch 1. Here:
+
+  gate_up  grid (F / block_n, T*k). Program (j, i) streams rows [j*block_n, (j+1)*block_n) of entry
+           i's expert's gate and up matrices (the [E, F, H] checkpoint layout: each row is H
+           contiguous inputs) in block_k steps, multiplies them by the token's x (elementwise FMAs,
+           float32) and reduces along the row: act[i, cols] = act_fn(g) * u, in x's dtype. An entry
+           routed outside the local experts (expert parallel) reads nothing and stores zeros.
+  down     grid (H / block_n, T). Program (j, t) walks the k slots of token t: rows
+           [j*block_n, (j+1)*block_n) of each slot's [E, H, F] down matrix times the slot's act row,
+           scaled by its routing weight and summed in float32: y[t, cols], already combined over
+           the slots (no per-slot rows, no combine kernel). A slot of another shard has weight 0
+           (its tile is still read: decode under expert parallel pays those bytes).
+
+Both stream each selected expert's weights exactly once per token, with many programs (the grid's
+second axis is the entry / token, the first the output tile) to keep enough bytes in flight. An
+expert two tokens share is read twice (a few percent at the T*k <= E/4 where this path is chosen).
+The references are `ferrum_jax.moe_ops.moe_experts` (its few-rows branch is the same product).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.moe.grouped_matmul import KERNEL_ACTIVATIONS
+
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvTiles:
+    """One projection's tiles: weight rows (outputs) per program, inputs per step, warps, stages."""
+    block_n: int = 16
+    block_k: int = 512
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    gate_up: GemvTiles = GemvTiles(16, 512)
+    down: GemvTiles = GemvTiles(16, 256)
+
+
+def _fit(dim: int, want: int) -> int:
+    """The largest power of two <= want dividing dim (>= 1)."""
+    v = want
+    while v > 1 and dim % v:
+        v //= 2
+    return v
+
+
+def choose_config(hidden: int, ff: int, config: DecodeConfig | None = None) -> DecodeConfig:
+    """`config` (default: DecodeConfig()) with each tile cut down to divide the projection."""
+    c = config or DecodeConfig()
+    gu = dataclasses.replace(c.gate_up, block_n=_fit(ff, c.gate_up.block_n), block_k=_fit(hidden, c.gate_up.block_k))
+    dn = dataclasses.replace(c.down, block_n=_fit(hidden, c.down.block_n), block_k=_fit(ff, c.down.block_k))
+    return DecodeConfig(gu, dn)
+
+
+def unsupported(x, ids, weights, w_gate, w_up, w_down, kind: str) -> str | None:
+    """None if `moe_experts_decode` takes these arguments, else why not."""
+    ws = (w_gate, w_down) if w_up is None else (w_gate, w_up, w_down)
+    bad = [type(w).__name__ for w in ws if not isinstance(w, jax.Array)]
+    if bad:
+        return f"expert weights are {', '.join(bad)}, not dense arrays"
+    if kind not in KERNEL_ACTIVATIONS:
+        return f"activation {kind!r} not in the kernel epilogue's {sorted(KERNEL_ACTIVATIONS)}"
+    if jnp.dtype(x.dtype) not in DTYPES or any(jnp.dtype(w.dtype) not in DTYPES for w in ws):
+        return f"x {x.dtype} / weights {', '.join(str(w.dtype) for w in ws)} are not bfloat16/float16/float32"
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        return f"ids are {ids.dtype}, not integers"
+    if w_gate.ndim != 3 or w_down.ndim != 3:
+        return f"expert stacks must be [E, out, in], got gate {w_gate.shape}, down {w_down.shape}"
+    h = x.shape[-1]
+    e = w_gate.shape[0]
+    f = w_gate.shape[1] // 2 if w_up is None else w_gate.shape[1]
+    if w_gate.shape[2] != h or w_down.shape != (e, h, f) or (w_up is not None and w_up.shape != w_gate.shape):
+        return f"expert stacks gate {w_gate.shape}, up {None if w_up is None else w_up.shape}, down {w_down.shape} " \
+               f"do not fit hidden {h}"
+    if ids.shape[:-1] != x.shape[:-1] or weights.shape != ids.shape:
+        return f"ids {ids.shape} / weights {weights.shape} do not match x {x.shape}"
+    nk = math.prod(ids.shape)
+    if nk == 0:
+        return "no tokens"
+    if nk * 4 > e:
+        return f"{nk} (token, slot) entries > E/4 = {e / 4:g}: not decode-sized (the grouped kernels take it)"
+    return None
+
+
+def _gate_up_kernel(ids_ref, off_ref, x_ref, wg_ref, wu_ref, o_ref, *, top_k: int, experts: int, up_row: int,
+                    block_k: int, steps: int, act: str):
+    j, i = pl.program_id(0), pl.program_id(1)
+    e = ids_ref[i] - off_ref[0]
+    (bn,) = o_ref.shape
+    n0 = pl.multiple_of(j * bn, bn)
+    tok = lax.div(i, top_k)
+    mine = (e >= 0) & (e < experts)
+
+    @pl.when(mine)
+    def _():
+        def step(t, acc):
+            g, u = acc
+            k0 = pl.multiple_of(t * block_k, block_k)
+            xv = x_ref[tok, pl.ds(k0, block_k)].astype(jnp.float32)[None, :]
+            wg = wg_ref[e, pl.ds(n0, bn), pl.ds(k0, block_k)].astype(jnp.float32)
+            wu = wu_ref[e, pl.ds(up_row + n0, bn), pl.ds(k0, block_k)].astype(jnp.float32)
+            return g + jnp.sum(wg * xv, axis=1), u + jnp.sum(wu * xv, axis=1)
+
+        zero = jnp.zeros((bn,), jnp.float32)
+        g, u = lax.fori_loop(0, steps, step, (zero, zero))
+        o_ref[...] = (KERNEL_ACTIVATIONS[act](g) * u).astype(o_ref.dtype)
+
+    @pl.when(jnp.logical_not(mine))
+    def _():
+        o_ref[...] = jnp.zeros((bn,), o_ref.dtype)
+
+
+def _down_kernel(ids_ref, rw_ref, off_ref, a_ref, w_ref, o_ref, *, top_k: int, experts: int, block_k: int,
+                 chunks: int):
+    j, t = pl.program_id(0), pl.program_id(1)
+    (bn,) = o_ref.shape
+    n0 = pl.multiple_of(j * bn, bn)
+
+    def step(sc, acc):
+        entry = t * top_k + lax.div(sc, chunks)  # lax: jnp's floor-division / modulo of signed ints does not lower
+        local = ids_ref[entry] - off_ref[0]
+        mine = (local >= 0) & (local < experts)
+        rw = jnp.where(mine, rw_ref[entry], 0.0)
+        e = jnp.clip(local, 0, experts - 1)
+        k0 = pl.multiple_of(lax.rem(sc, chunks) * block_k, block_k)
+        a = a_ref[entry, pl.ds(k0, block_k)].astype(jnp.float32)[None, :]
+        w = w_ref[e, pl.ds(n0, bn), pl.ds(k0, block_k)].astype(jnp.float32)
+        return acc + rw * jnp.sum(w * a, axis=1)
+
+    acc = lax.fori_loop(0, top_k * chunks, step, jnp.zeros((bn,), jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _params(tiles: GemvTiles, interpret: bool) -> dict:
+    if interpret:
+        return {}
+    from jax.experimental.pallas import triton as pl_triton
+    return {"compiler_params": pl_triton.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)}
+
+
+def _whole(a: jax.Array) -> pl.BlockSpec:
+    return pl.BlockSpec(a.shape, lambda j, i: (0,) * a.ndim)
+
+
+def gate_up(x: jax.Array, ids: jax.Array, expert_offset: jax.Array, w_gate: jax.Array, w_up: jax.Array | None,
+            kind: str, *, top_k: int, tiles: GemvTiles, interpret: bool = False) -> jax.Array:
+    """act [T*k, F] in x's dtype: act_fn(x_t w_gate_e^T) * (x_t w_up_e^T) for each entry (t, slot) of
+    ids [T*k] (flat, e = ids - expert_offset local), zeros for entries of other shards. x [T, H];
+    w_up None: w_gate is the fused [E, 2F, H] stack."""
+    t, h = x.shape
+    e = w_gate.shape[0]
+    f = w_gate.shape[1] // 2 if w_up is None else w_gate.shape[1]
+    bn, bk = tiles.block_n, tiles.block_k
+    if f % bn or h % bk:
+        raise ValueError(f"gate_up: tiles {bn} x {bk} do not divide F {f} x H {h}")
+    kernel = partial(_gate_up_kernel, top_k=top_k, experts=e, up_row=f if w_up is None else 0, block_k=bk,
+                     steps=h // bk, act=kind)
+    w_up = w_gate if w_up is None else w_up
+    return pl.pallas_call(
+        kernel,
+        grid=(f // bn, t * top_k),
+        in_specs=[_whole(ids), _whole(expert_offset), _whole(x), _whole(w_gate), _whole(w_up)],
+        out_specs=pl.BlockSpec((None, bn), lambda j, i: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((t * top_k, f), x.dtype),
+        interpret=interpret,
+        name="moe_decode_gate_up",
+        **_params(tiles, interpret),
+    )(ids, expert_offset, x, w_gate, w_up)
+
+
+def down(act: jax.Array, ids: jax.Array, weights: jax.Array, expert_offset: jax.Array, w_down: jax.Array, *,
+         top_k: int, tiles: GemvTiles, out_dtype, interpret: bool = False) -> jax.Array:
+    """y [T, H] in out_dtype: sum over each token's k slots of weight * (act_row w_down_e^T), float32
+    inside. act [T*k, F] from `gate_up`; ids, weights [T*k] flat."""
+    nk, f = act.shape
+    e, h, _ = w_down.shape
+    bn, bk = tiles.block_n, tiles.block_k
+    if h % bn or f % bk:
+        raise ValueError(f"down: tiles {bn} x {bk} do not divide H {h} x F {f}")
+    return pl.pallas_call(
+        partial(_down_kernel, top_k=top_k, experts=e, block_k=bk, chunks=f // bk),
+        grid=(h // bn, nk // top_k),
+        in_specs=[_whole(ids), _whole(weights), _whole(expert_offset), _whole(act), _whole(w_down)],
+        out_specs=pl.BlockSpec((None, bn), lambda j, t: (t, j)),
+        out_shape=jax.ShapeDtypeStruct((nk // top_k, h), out_dtype),
+        interpret=interpret,
+        name="moe_decode_down",
+        **_params(tiles, interpret),
+    )(ids, weights, expert_offset, act, w_down)
+
+
+def moe_experts_decode(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate: jax.Array, w_up: jax.Array | None,
+                       w_down: jax.Array, kind: str, *, expert_offset: int | jax.Array = 0, ops=None,
+                       config: DecodeConfig | None = None, interpret: bool = False) -> jax.Array:
+    """`ferrum_jax.moe_ops.moe_experts` for decode-sized batches (see `unsupported`): x [..., H],
+    ids / weights [..., k], stacks [E, F, H] (or fused [E, 2F, H] with w_up None) and [E, H, F].
+    `ops` is accepted for the op signature and unused."""
+    del ops
+    reason = unsupported(x, ids, weights, w_gate, w_up, w_down, kind)
+    if reason is not None:
+        raise ValueError(f"moe_experts_decode: {reason}")
+    f = w_down.shape[2]
+    cfg = choose_config(x.shape[-1], f, config)
+    return _run(x, ids, weights, w_gate, w_up, w_down, jnp.asarray(expert_offset, jnp.int32).reshape(1),
+                kind=kind, config=cfg, interpret=interpret)
+
+
+@partial(jax.jit, static_argnames=("kind", "config", "interpret"))
+def _run(x, ids, weights, w_gate, w_up, w_down, expert_offset, *, kind: str, config: DecodeConfig,
+         interpret: bool) -> jax.Array:
+    k, h = ids.shape[-1], x.shape[-1]
+    xs = x.reshape(-1, h)
+    flat_ids = ids.reshape(-1).astype(jnp.int32)
+    act = gate_up(xs, flat_ids, expert_offset, w_gate, w_up, kind, top_k=k, tiles=config.gate_up,
+                  interpret=interpret)
+    y = down(act, flat_ids, weights.reshape(-1).astype(jnp.float32), expert_offset, w_down, top_k=k,
+             tiles=config.down, out_dtype=x.dtype, interpret=interpret)
+    return y.reshape(x.shape)
+
+
+__all__ = ["DecodeConfig", "GemvTiles", "choose_config", "down", "gate_up", "moe_experts_decode", "unsupported"]
