@@ -380,56 +380,50 @@ def sweep(args, shape: dict, dtype, key) -> list[dict]:
 
 
 def sweep_decode(args, shape: dict, dtype, key) -> list[dict]:
-    """The decode GEMV kernels' tiles: each config (the same block_n / block_k / warps / stages for
-    both kernels, cut to divide) over `decode_iters` distinct routings in one jitted loop; GPU time
-    per call of each kernel from the profiler, as a fraction of the copy bandwidth over the bytes of
-    the selected experts' matrices it streams."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from attention import kernel_seconds as profiled_seconds
-
+    """The decode GEMV kernels' tiles, one kernel at a time: first gate_up over
+    (--block-n, --block-k, --warps, --stages) with down at its default, then down with the best
+    gate_up. Each point: wall time per MoE layer of one jitted program of `decode_iters` unrolled
+    layers (x <- x + moe(x), a distinct routing each), median of --reps; the fixed part (the other
+    kernel, the add, launch gaps) is the same for every point of a phase."""
     e, k, h, f = shape["experts"], shape["top_k"], shape["hidden"], shape["ff"]
     wg, wu, wd = stacks(jax.random.fold_in(key, 9), e, h, f, dtype)
-    bw = device_ceilings(reps=5)["copy_bandwidth_bytes_per_s"]
-    item = jnp.dtype(dtype).itemsize
+    deadline = time.perf_counter() + args.time_budget
     rows = []
     for t in args.decode_tokens:
         ids, w = routes(jax.random.fold_in(key, 3000 + t), args.decode_iters, t, e, k)
         x = jax.random.normal(jax.random.fold_in(key, t), (t, h), jnp.float32).astype(dtype)
         if moe_decode.unsupported(x, ids[0], w[0], wg, wu, wd, "silu") is not None:
             continue
-        picked = t * k  # entries; an expert shared by two tokens is streamed twice
-        nbytes = {"moe_decode_gate_up": picked * 2 * f * h * item, "moe_decode_down": picked * f * h * item}
-        for bn, bk, nw, ns in itertools.product(args.block_n, args.block_k, args.warps, args.stages):
-            tiles = moe_decode.GemvTiles(bn, bk, nw, ns)
-            cfg = moe_decode.choose_config(h, f, moe_decode.DecodeConfig(tiles, tiles))
 
-            @jax.jit
-            def loop(x, ids, w, cfg=cfg):
-                body = lambda i, x: x + decode_moe(x, ids[i], w[i], wg, wu, wd, config=cfg)  # noqa: E731
-                return jax.lax.fori_loop(0, ids.shape[0], body, x)
+        def layer_us(cfg: moe_decode.DecodeConfig) -> float:
+            def chain(x, ids, w):
+                for i in range(ids.shape[0]):
+                    x = x + decode_moe(x, ids[i], w[i], wg, wu, wd, config=cfg)
+                return x
+            return _median_seconds(jax.jit(chain), (x, ids, w), args.reps) / ids.shape[0] * 1e6
 
-            try:
-                per = profiled_seconds(loop, (x, ids, w), ids.shape[0])
-            except Exception as exc:  # noqa: BLE001  a config the compiler rejects is skipped
-                print(f"  T={t} {tiles}: {type(exc).__name__} {str(exc)[:120]}", flush=True)
-                continue
-            row = {"tokens": t, "gate_up": dataclasses.asdict(cfg.gate_up), "down": dataclasses.asdict(cfg.down)}
-            for name, nb in nbytes.items():
-                s = per.get(name, float("nan"))
-                row[name] = dict(seconds=s, bw_fraction=nb / s / bw)
-            rows.append(row)
-            print(f"  T={t:3d} {tiles}  gate_up {row['moe_decode_gate_up']['seconds'] * 1e6:6.1f} us "
-                  f"{row['moe_decode_gate_up']['bw_fraction']:6.1%}  down {row['moe_decode_down']['seconds'] * 1e6:6.1f} us "
-                  f"{row['moe_decode_down']['bw_fraction']:6.1%} (down tiles {cfg.down.block_n}x{cfg.down.block_k})",
-                  flush=True)
-        for name in nbytes:
-            mine = [r for r in rows if r["tokens"] == t]
-            if mine:
-                b = min(mine, key=lambda r: r[name]["seconds"])
-                print(f"BEST T={t} {name} {b['gate_up' if 'gate' in name else 'down']} "
-                      f"{b[name]['seconds'] * 1e6:.1f} us {b[name]['bw_fraction']:.1%}", flush=True)
+        best = moe_decode.choose_config(h, f)
+        for phase in ("gate_up", "down"):
+            points = []
+            for bn, bk, nw, ns in itertools.product(args.block_n, args.block_k, args.warps, args.stages):
+                tiles = moe_decode.GemvTiles(bn, bk, nw, ns)
+                cfg = moe_decode.choose_config(h, f, dataclasses.replace(best, **{phase: tiles}))
+                if getattr(cfg, phase) in [getattr(p[1], phase) for p in points] or time.perf_counter() > deadline:
+                    continue  # cut to the same tiles as an earlier point, or out of time
+                try:
+                    us = layer_us(cfg)
+                except Exception as exc:  # noqa: BLE001  a config the compiler rejects is skipped
+                    print(f"  T={t} {phase} {tiles}: {type(exc).__name__} {str(exc)[:120]}", flush=True)
+                    continue
+                points.append((us, cfg))
+                rows.append({"tokens": t, "phase": phase, "gate_up": dataclasses.asdict(cfg.gate_up),
+                             "down": dataclasses.asdict(cfg.down), "layer_us": us})
+                print(f"  T={t:3d} {phase:7s} {getattr(cfg, phase)} {us:7.1f} us/layer", flush=True)
+            if points:
+                us, best = min(points, key=lambda p: p[0])
+                print(f"BEST T={t} {phase} {getattr(best, phase)} {us:.1f} us/layer", flush=True)
         if args.out:
-            _write(args, "sweep-decode", {"shape": shape, "copy_bandwidth_bytes_per_s": bw, "points": rows})
+            _write(args, "sweep-decode", {"shape": shape, "points": rows})
     return rows
 
 
@@ -448,6 +442,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--block-k", nargs="+", type=int, default=[64, 128, 256])
     p.add_argument("--warps", nargs="+", type=int, default=[4, 8])
     p.add_argument("--stages", nargs="+", type=int, default=[3])
+    p.add_argument("--time-budget", type=float, default=420, help="seconds for --sweep-decode (points past it skipped)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, float32, few reps (CPU check of the script)")
     p.add_argument("--format", choices=QUANT_FORMATS, default=None,
                    help="quantized expert stacks of this format (see the module docstring); default bf16 stacks")
