@@ -396,11 +396,7 @@ def sweep_decode(args, shape: dict, dtype, key) -> list[dict]:
             continue
 
         def layer_us(cfg: moe_decode.DecodeConfig) -> float:
-            def chain(x, ids, w):
-                for i in range(ids.shape[0]):
-                    x = x + decode_moe(x, ids[i], w[i], wg, wu, wd, config=cfg)
-                return x
-            return _median_seconds(jax.jit(chain), (x, ids, w), args.reps) / ids.shape[0] * 1e6
+            return layer_seconds(partial(decode_moe, config=cfg), x, ids, w, (wg, wu, wd), args.reps) * 1e6
 
         best = moe_decode.choose_config(h, f)
         for phase in ("gate_up", "down"):

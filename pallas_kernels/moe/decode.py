@@ -39,17 +39,18 @@ DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class GemvTiles:
-    """One projection's tiles: weight rows (outputs) per program, inputs per step, warps, stages."""
-    block_n: int = 16
+    """One projection's tiles: weight rows (outputs) per program, inputs per load, warps, stages
+    (the kernels have no loop to pipeline: 1)."""
+    block_n: int = 8
     block_k: int = 512
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
-    gate_up: GemvTiles = GemvTiles(16, 512)
-    down: GemvTiles = GemvTiles(16, 256)
+    gate_up: GemvTiles = GemvTiles(8, 512, 4, 1)
+    down: GemvTiles = GemvTiles(8, 256, 4, 1)
 
 
 def _fit(dim: int, want: int) -> int:
@@ -60,11 +61,23 @@ def _fit(dim: int, want: int) -> int:
     return v
 
 
+# Loads per expert row block the kernels unroll; wider inputs take wider block_k (compile time).
+MAX_UNROLL = 16
+
+
+def _fit_k(dim: int, want: int) -> int:
+    v = _fit(dim, want)
+    while dim // v > MAX_UNROLL and dim % (2 * v) == 0:
+        v *= 2
+    return v
+
+
 def choose_config(hidden: int, ff: int, config: DecodeConfig | None = None) -> DecodeConfig:
-    """`config` (default: DecodeConfig()) with each tile cut down to divide the projection."""
+    """`config` (default: DecodeConfig()) with each tile cut down to divide the projection (and
+    block_k grown where more than MAX_UNROLL loads would cover the input)."""
     c = config or DecodeConfig()
-    gu = dataclasses.replace(c.gate_up, block_n=_fit(ff, c.gate_up.block_n), block_k=_fit(hidden, c.gate_up.block_k))
-    dn = dataclasses.replace(c.down, block_n=_fit(hidden, c.down.block_n), block_k=_fit(ff, c.down.block_k))
+    gu = dataclasses.replace(c.gate_up, block_n=_fit(ff, c.gate_up.block_n), block_k=_fit_k(hidden, c.gate_up.block_k))
+    dn = dataclasses.replace(c.down, block_n=_fit(hidden, c.down.block_n), block_k=_fit_k(ff, c.down.block_k))
     return DecodeConfig(gu, dn)
 
 
@@ -109,16 +122,16 @@ def _gate_up_kernel(ids_ref, off_ref, x_ref, wg_ref, wu_ref, o_ref, *, top_k: in
 
     @pl.when(mine)
     def _():
-        def step(t, acc):
-            g, u = acc
-            k0 = pl.multiple_of(t * block_k, block_k)
+        # Unrolled (static steps): every tile's address is known up front, so its loads can all be
+        # in flight at once; a loop would wait on each step's load (the pipeliner only overlaps
+        # loads that feed a tensor-core dot).
+        g = u = jnp.zeros((bn,), jnp.float32)
+        for t in range(steps):
+            k0 = t * block_k
             xv = x_ref[tok, pl.ds(k0, block_k)].astype(jnp.float32)[None, :]
             wg = wg_ref[e, pl.ds(n0, bn), pl.ds(k0, block_k)].astype(jnp.float32)
             wu = wu_ref[e, pl.ds(up_row + n0, bn), pl.ds(k0, block_k)].astype(jnp.float32)
-            return g + jnp.sum(wg * xv, axis=1), u + jnp.sum(wu * xv, axis=1)
-
-        zero = jnp.zeros((bn,), jnp.float32)
-        g, u = lax.fori_loop(0, steps, step, (zero, zero))
+            g, u = g + jnp.sum(wg * xv, axis=1), u + jnp.sum(wu * xv, axis=1)
         o_ref[...] = (KERNEL_ACTIVATIONS[act](g) * u).astype(o_ref.dtype)
 
     @pl.when(jnp.logical_not(mine))
@@ -132,18 +145,18 @@ def _down_kernel(ids_ref, rw_ref, off_ref, a_ref, w_ref, o_ref, *, top_k: int, e
     (bn,) = o_ref.shape
     n0 = pl.multiple_of(j * bn, bn)
 
-    def step(sc, acc):
-        entry = t * top_k + lax.div(sc, chunks)  # lax: jnp's floor-division / modulo of signed ints does not lower
+    acc = jnp.zeros((bn,), jnp.float32)
+    for slot in range(top_k):  # unrolled, as in the gate_up kernel: all loads in flight together
+        entry = t * top_k + slot
         local = ids_ref[entry] - off_ref[0]
-        mine = (local >= 0) & (local < experts)
-        rw = jnp.where(mine, rw_ref[entry], 0.0)
+        rw = jnp.where((local >= 0) & (local < experts), rw_ref[entry], 0.0)
         e = jnp.clip(local, 0, experts - 1)
-        k0 = pl.multiple_of(lax.rem(sc, chunks) * block_k, block_k)
-        a = a_ref[entry, pl.ds(k0, block_k)].astype(jnp.float32)[None, :]
-        w = w_ref[e, pl.ds(n0, bn), pl.ds(k0, block_k)].astype(jnp.float32)
-        return acc + rw * jnp.sum(w * a, axis=1)
-
-    acc = lax.fori_loop(0, top_k * chunks, step, jnp.zeros((bn,), jnp.float32))
+        part = jnp.zeros((bn,), jnp.float32)
+        for c in range(chunks):
+            a = a_ref[entry, pl.ds(c * block_k, block_k)].astype(jnp.float32)[None, :]
+            w = w_ref[e, pl.ds(n0, bn), pl.ds(c * block_k, block_k)].astype(jnp.float32)
+            part = part + jnp.sum(w * a, axis=1)
+        acc = acc + rw * part
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
