@@ -3,9 +3,8 @@
 moe_experts, tried in this order:
 
   pallas_decode         GPU; decode-sized batches (T*k <= E/4) of dense expert stacks: GEMV kernels
-                        over the selected experts straight from the top-k ids, the slots summed
-                        inside the down kernel (pallas_kernels/moe/decode.py): no alignment, no
-                        padding rows, no combine kernel.
+                        over the selected experts straight from the top-k ids
+                        (pallas_kernels/moe/decode.py): no alignment, no padding rows.
   pallas_grouped        GPU; dense bf16/f16/f32 expert stacks, an activation the kernel epilogue
                         computes (silu, gelu_pytorch_tanh, gelu_new, relu), block sizes that divide
                         hidden and ff: routing alignment in jnp, then one grouped Pallas matmul per
