@@ -6,6 +6,9 @@
                        epilogue: one pallas_call each over (aligned blocks, output tiles)
     grouped_quant.py   the same over quantized (QuantWeight) stacks: each program decodes its
                        expert's weight tile into x's dtype before the tensor-core dot
+    decode.py          decode-sized batches (T*k <= E/4, dense stacks): GEMV kernels over the
+                       top-k ids, no alignment (`moe_experts_decode`)
+    route.py           softmax + top-k + renormalisation of router logits in one kernel
 
 `moe_experts_pallas` has the signature and semantics of `ferrum_jax.moe_ops.moe_experts` (the XLA
 reference and oracle), including `expert_offset` for expert parallel; `ferrum_jax/moe_kernels.py`
