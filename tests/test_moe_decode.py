@@ -132,7 +132,7 @@ def test_decode_expert_parallel_slice(offset):
 
 def test_decode_tokens_sharing_experts_and_batch_dims():
     """Skewed routing: every token picks the same k experts; x carries [batch, 1, H] dims."""
-    (x, g, u, d), _, w, _ = _case(9, 4, 2, fused=True)
+    (x, g, _, d), _, w, _ = _case(9, 4, 2, fused=True)
     ids = jnp.asarray(np.tile([[5, 30]], (4, 1)).astype(np.int32))
     want = _numpy_moe(np.asarray(x), np.asarray(ids), np.asarray(w), np.asarray(g)[:, :F], np.asarray(g)[:, F:],
                       np.asarray(d))

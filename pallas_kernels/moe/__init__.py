@@ -22,7 +22,6 @@ so with bf16 each slot's row is rounded once before the sum; the reference keeps
 from __future__ import annotations
 
 import dataclasses
-import math
 from functools import partial
 
 import jax
@@ -45,6 +44,7 @@ from pallas_kernels.moe.grouped_matmul import (
     down_reference,
     gate_up,
     gate_up_reference,
+    stack_shapes,
     tiles_unsupported,
 )
 
@@ -52,7 +52,6 @@ __all__ = ["KERNEL_ACTIVATIONS", "Alignment", "MoeConfig", "Tiles", "align_block
            "combine_slots", "down", "grouped_moe",
            "down_reference", "gate_up", "gate_up_reference", "max_blocks", "moe_experts_pallas", "sorted_routing", "unsupported"]
 
-DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,37 +89,9 @@ def choose_config(num_entries: int, num_experts: int, hidden: int, ff: int) -> M
     return MoeConfig(block_m=block_m, gate_up=gu, down=dn)
 
 
-def _shapes(x, ids, w_gate, w_up, w_down) -> tuple[int, int, int, int, int] | str:
-    """(entries, experts, hidden, ff, top_k), or why the shapes do not fit together."""
-    h = x.shape[-1]
-    if w_gate.ndim != 3 or w_down.ndim != 3:
-        return f"expert stacks must be [E, out, in], got gate {w_gate.shape}, down {w_down.shape}"
-    e = w_gate.shape[0]
-    f = w_gate.shape[1] // 2 if w_up is None else w_gate.shape[1]
-    if w_gate.shape[2] != h or w_down.shape != (e, h, f) or (w_up is not None and w_up.shape != w_gate.shape):
-        return (f"expert stacks gate {w_gate.shape}, up {None if w_up is None else w_up.shape}, down {w_down.shape} "
-                f"do not fit hidden {h}")
-    if ids.shape[:-1] != x.shape[:-1]:
-        return f"ids {ids.shape} do not match x {x.shape}"
-    k = ids.shape[-1]
-    return math.prod(ids.shape), e, h, f, k
-
-
 def unsupported(x, ids, weights, w_gate, w_up, w_down, kind: str, config: MoeConfig | None = None) -> str | None:
     """None if the kernels take these arguments, else why not."""
-    ws = (w_gate, w_down) if w_up is None else (w_gate, w_up, w_down)
-    bad = [type(w).__name__ for w in ws if not isinstance(w, jax.Array)]
-    if bad:
-        return f"expert weights are {', '.join(bad)}, not dense arrays"
-    if kind not in KERNEL_ACTIVATIONS:
-        return f"activation {kind!r} not in the kernel epilogue's {sorted(KERNEL_ACTIVATIONS)}"
-    if x.dtype not in DTYPES:
-        return f"x is {x.dtype}, not bfloat16/float16/float32"
-    if any(w.dtype not in DTYPES for w in ws):
-        return f"expert weights are {', '.join(str(w.dtype) for w in ws)}, not bfloat16/float16/float32"
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-        return f"ids are {ids.dtype}, not integers"
-    shapes = _shapes(x, ids, w_gate, w_up, w_down)
+    shapes = stack_shapes(x, ids, w_gate, w_up, w_down, kind)
     if isinstance(shapes, str):
         return shapes
     nk, e, h, f, _ = shapes
@@ -146,7 +117,7 @@ def moe_experts_pallas(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate:
         raise ValueError(f"moe_experts_pallas: {reason}")
     if weights.shape != ids.shape:
         raise ValueError(f"moe_experts_pallas: weights {weights.shape} and ids {ids.shape} differ")
-    nk, e, h, f, _ = _shapes(x, ids, w_gate, w_up, w_down)
+    nk, e, h, f, _ = stack_shapes(x, ids, w_gate, w_up, w_down, kind)
     cfg = config or choose_config(nk, e, h, f)
     return _moe_experts(x, ids, weights, w_gate, w_up, w_down, jnp.asarray(expert_offset, jnp.int32), kind=kind,
                         config=cfg, interpret=interpret)

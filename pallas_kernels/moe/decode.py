@@ -24,7 +24,6 @@ The references are `ferrum_jax.moe_ops.moe_experts` (its few-rows branch is the 
 from __future__ import annotations
 
 import dataclasses
-import math
 from functools import partial
 
 import jax
@@ -32,9 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.moe.grouped_matmul import KERNEL_ACTIVATIONS
-
-DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+from pallas_kernels.moe.grouped_matmul import KERNEL_ACTIVATIONS, stack_shapes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,27 +80,12 @@ def choose_config(hidden: int, ff: int, config: DecodeConfig | None = None) -> D
 
 def unsupported(x, ids, weights, w_gate, w_up, w_down, kind: str) -> str | None:
     """None if `moe_experts_decode` takes these arguments, else why not."""
-    ws = (w_gate, w_down) if w_up is None else (w_gate, w_up, w_down)
-    bad = [type(w).__name__ for w in ws if not isinstance(w, jax.Array)]
-    if bad:
-        return f"expert weights are {', '.join(bad)}, not dense arrays"
-    if kind not in KERNEL_ACTIVATIONS:
-        return f"activation {kind!r} not in the kernel epilogue's {sorted(KERNEL_ACTIVATIONS)}"
-    if jnp.dtype(x.dtype) not in DTYPES or any(jnp.dtype(w.dtype) not in DTYPES for w in ws):
-        return f"x {x.dtype} / weights {', '.join(str(w.dtype) for w in ws)} are not bfloat16/float16/float32"
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-        return f"ids are {ids.dtype}, not integers"
-    if w_gate.ndim != 3 or w_down.ndim != 3:
-        return f"expert stacks must be [E, out, in], got gate {w_gate.shape}, down {w_down.shape}"
-    h = x.shape[-1]
-    e = w_gate.shape[0]
-    f = w_gate.shape[1] // 2 if w_up is None else w_gate.shape[1]
-    if w_gate.shape[2] != h or w_down.shape != (e, h, f) or (w_up is not None and w_up.shape != w_gate.shape):
-        return f"expert stacks gate {w_gate.shape}, up {None if w_up is None else w_up.shape}, down {w_down.shape} " \
-               f"do not fit hidden {h}"
-    if ids.shape[:-1] != x.shape[:-1] or weights.shape != ids.shape:
-        return f"ids {ids.shape} / weights {weights.shape} do not match x {x.shape}"
-    nk = math.prod(ids.shape)
+    shapes = stack_shapes(x, ids, w_gate, w_up, w_down, kind)
+    if isinstance(shapes, str):
+        return shapes
+    nk, e, _, _, _ = shapes
+    if weights.shape != ids.shape:
+        return f"weights {weights.shape} and ids {ids.shape} differ"
     if nk == 0:
         return "no tokens"
     if nk * 4 > e:

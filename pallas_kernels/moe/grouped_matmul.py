@@ -33,6 +33,7 @@ routing kernel).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from functools import partial
 
@@ -50,6 +51,37 @@ KERNEL_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu_new": lambda g: jax.nn.gelu(g, approximate=True),
     "relu": lambda g: jnp.maximum(g, 0.0),
 }
+
+
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+def stack_shapes(x, ids, w_gate, w_up, w_down, kind: str) -> tuple[int, int, int, int, int] | str:
+    """(entries T*k, experts, hidden, ff, top_k) of dense-stack arguments a kernel of this package
+    takes (x [..., H], ids [..., k], stacks [E, F, H] or fused [E, 2F, H] and [E, H, F]), or why not."""
+    ws = (w_gate, w_down) if w_up is None else (w_gate, w_up, w_down)
+    bad = [type(w).__name__ for w in ws if not isinstance(w, jax.Array)]
+    if bad:
+        return f"expert weights are {', '.join(bad)}, not dense arrays"
+    if kind not in KERNEL_ACTIVATIONS:
+        return f"activation {kind!r} not in the kernel epilogue's {sorted(KERNEL_ACTIVATIONS)}"
+    if jnp.dtype(x.dtype) not in DTYPES:
+        return f"x is {x.dtype}, not bfloat16/float16/float32"
+    if any(jnp.dtype(w.dtype) not in DTYPES for w in ws):
+        return f"expert weights are {', '.join(str(w.dtype) for w in ws)}, not bfloat16/float16/float32"
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        return f"ids are {ids.dtype}, not integers"
+    h = x.shape[-1]
+    if w_gate.ndim != 3 or w_down.ndim != 3:
+        return f"expert stacks must be [E, out, in], got gate {w_gate.shape}, down {w_down.shape}"
+    e = w_gate.shape[0]
+    f = w_gate.shape[1] // 2 if w_up is None else w_gate.shape[1]
+    if w_gate.shape[2] != h or w_down.shape != (e, h, f) or (w_up is not None and w_up.shape != w_gate.shape):
+        return (f"expert stacks gate {w_gate.shape}, up {None if w_up is None else w_up.shape}, down {w_down.shape} "
+                f"do not fit hidden {h}")
+    if ids.shape[:-1] != x.shape[:-1]:
+        return f"ids {ids.shape} do not match x {x.shape}"
+    return math.prod(ids.shape), e, h, f, ids.shape[-1]
 
 
 @dataclasses.dataclass(frozen=True)
