@@ -17,7 +17,7 @@ moe_experts, tried in this order:
                         expert's weight tile into x's dtype before the dot
                         (pallas_kernels/moe/grouped_quant.py).
 
-What neither takes runs on the references: GGUFWeight stacks (types without a kernel layout, e.g.
+What none of them takes runs on the references: GGUFWeight stacks (types without a kernel layout, e.g.
 Q2_K / Q3_K) and GPTQ act-order stacks on "xla_dequant", exact "gelu" and shapes that are not whole
 tiles on "xla" / "xla_dequant".
 
