@@ -247,11 +247,14 @@ class Ops:
                          k_scale=k_scale, v_scale=v_scale)
 
     def decode_attention_append(self, q, k_new, v_new, k, v, q_positions, *, scale: float,
-                                window: int | None = None, softcap: float | None = None):
+                                window: int | None = None, softcap: float | None = None, rope=None, q_norm=None,
+                                k_norm=None, norm_eps: float = 1e-6, norm_offset: float = 0.0):
         """Store one decode token's k_new, v_new [batch, 1, kv_heads, head_dim] at q_positions in the
-        contiguous cache k, v, then `decode_attention` over it -> (out, k, v) (ferrum_jax.ops)."""
+        contiguous cache k, v, then `decode_attention` over it -> (out, k, v). Given `rope` (and
+        q_norm, k_norm), q and k_new are the projection's, normalized and rotated first (ferrum_jax.ops)."""
         return self.call("decode_attention_append", q, k_new, v_new, k, v, q_positions, scale=scale, window=window,
-                         softcap=softcap, ops=self)
+                         softcap=softcap, rope=rope, q_norm=q_norm, k_norm=k_norm, norm_eps=norm_eps,
+                         norm_offset=norm_offset, ops=self)
 
     def paged_attention(self, q, k_pages, v_pages, page_table, q_positions, *, scale: float,
                         window: int | None = None, softcap: float | None = None, k_scale=None, v_scale=None):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from ferrum_jax.errors import ConfigError
-from ferrum_jax.ops import write_kv
+from ferrum_jax.ops import QKPrologue, write_kv
 
 # The largest code of each quantized cache dtype: a vector's max |x| maps onto it.
 KV_CODE_MAX = {jnp.dtype(jnp.int8): 127.0, jnp.dtype(jnp.float8_e4m3fn): 448.0}
@@ -99,16 +99,20 @@ class KVCache:
                        v_scale=put(self.v_scale, vs))
 
     def write_attend(self, layer: int, q: jax.Array, k_new: jax.Array, v_new: jax.Array, positions: jax.Array, *,
-                     ops, scale: float, window: int | None, softcap: float | None,
-                     kv_len: int | None) -> tuple[jax.Array, KVCache]:
-        """`write` then `attend`. A decode token over the whole cache is one op,
-        `decode_attention_append` (on a GPU one kernel: no separate cache writes or split merge)."""
+                     ops, scale: float, window: int | None, softcap: float | None, kv_len: int | None,
+                     prologue: QKPrologue | None = None) -> tuple[jax.Array, KVCache]:
+        """`prologue` (the projection's q, k_new -> attention's), `write`, then `attend`. A decode
+        token over the whole cache is one op, `decode_attention_append` (on a GPU one kernel: no
+        separate norm, rope, cache writes or split merge)."""
         if q.shape[1] != 1 or kv_len is not None or self.quantized:
+            if prologue is not None:
+                q, k_new = prologue(q, k_new, positions, ops)
             cache = self.write(layer, k_new, v_new, positions)
             return cache.attend(layer, q, positions, ops=ops, scale=scale, window=window, softcap=softcap,
                                 kv_len=kv_len), cache
         out, k, v = ops.decode_attention_append(q, k_new, v_new, self.k[layer], self.v[layer], positions,
-                                                scale=scale, window=window, softcap=softcap)
+                                                scale=scale, window=window, softcap=softcap,
+                                                **(prologue.kwargs() if prologue is not None else {}))
         return out, KVCache(k=_replace(self.k, layer, k), v=_replace(self.v, layer, v))
 
     def attend(self, layer: int, q: jax.Array, positions: jax.Array, *, ops, scale: float,

@@ -1,8 +1,8 @@
 """GPU kernel registrations for decode-shaped attention (one query token per sequence).
 
 `decode_attention` (contiguous cache) -> `pallas_decode` (pallas_kernels/attention/decode.py),
-`decode_attention_append` (the decode step's cache write + attention) -> `pallas_decode_append`
-(.../decode_append.py: one kernel, splits merged in it),
+`decode_attention_append` (the decode step's q/k norm and rope, cache write and attention) ->
+`pallas_decode_append` (.../decode_append.py: one kernel, splits merged in it),
 `paged_attention` (paged cache, q_len 1) -> `pallas_paged_decode` (.../paged_decode.py): both
 flash-decoding kernels (the visible slots split over many programs, partials merged by a small
 log-sum-exp), reading int8 / fp8 caches as codes. Each declines, with the reason, what it cannot
@@ -18,6 +18,7 @@ import jax
 
 from ferrum_jax import ops as _ops  # noqa: F401  registers the references first (register() keeps them last)
 from ferrum_jax.backend import Impl, register
+from ferrum_jax.rope import Rope
 from pallas_kernels.attention import decode, decode_append, paged_decode
 
 # Triton's pointer arithmetic is 32-bit: every array the kernel indexes must have fewer elements.
@@ -45,14 +46,20 @@ def _decode_applies(q: Any, k: Any, v: Any, q_positions: Any, *, scale: float, w
 
 def pallas_decode_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k: jax.Array, v: jax.Array,
                          q_positions: jax.Array, *, scale: float, window: int | None = None,
-                         softcap: float | None = None, ops: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                         softcap: float | None = None, rope: Rope | None = None, q_norm: jax.Array | None = None,
+                         k_norm: jax.Array | None = None, norm_eps: float = 1e-6, norm_offset: float = 0.0,
+                         ops: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     return decode_append.decode_attention_append(q, k_new, v_new, k, v, q_positions, scale=scale, window=window,
-                                                 softcap=softcap)
+                                                 softcap=softcap, rope=rope, q_norm=q_norm, k_norm=k_norm,
+                                                 norm_eps=norm_eps, norm_offset=norm_offset)
 
 
 def _append_applies(q: Any, k_new: Any, v_new: Any, k: Any, v: Any, q_positions: Any, *, scale: float,
-                    window: int | None = None, softcap: float | None = None, ops: Any = None) -> str | None:
-    return decode_append.unsupported(q, k_new, v_new, k, v, q_positions) or _too_large(q, k, v)
+                    window: int | None = None, softcap: float | None = None, rope: Rope | None = None,
+                    q_norm: Any = None, k_norm: Any = None, norm_eps: float = 1e-6, norm_offset: float = 0.0,
+                    ops: Any = None) -> str | None:
+    return (decode_append.unsupported(q, k_new, v_new, k, v, q_positions, rope, q_norm, k_norm)
+            or _too_large(q, k, v))
 
 
 def pallas_paged_decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,

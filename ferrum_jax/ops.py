@@ -12,6 +12,8 @@ Quantized weight types register their own `linear`/`embed` entries (see ferrum_j
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -59,6 +61,42 @@ def rope(x: jax.Array, positions: jax.Array, rope: Rope) -> jax.Array:
     rotated_half = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
     out = (rot * cos + rotated_half * sin).astype(x.dtype)
     return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
+
+
+_rotate = rope  # for functions whose `rope` argument hides it
+
+
+def prepare_qk(q: jax.Array, k: jax.Array, positions: jax.Array, *, rope: Rope | None, q_norm: jax.Array | None = None,
+               k_norm: jax.Array | None = None, eps: float = 1e-6, offset: float = 0.0,
+               ops=None) -> tuple[jax.Array, jax.Array]:
+    """The projection's q [B, T, H, D], k [B, T, KVH, D] -> attention's: a per-head RMSNorm when
+    q_norm, k_norm are given (Qwen3, Gemma 3), then rope (when given). Through `ops` when given."""
+    norm_fn, rope_fn = (rms_norm, _rotate) if ops is None else (ops.rms_norm, ops.rope)
+    if q_norm is not None:
+        q, k = norm_fn(q, q_norm, eps=eps, offset=offset), norm_fn(k, k_norm, eps=eps, offset=offset)
+    if rope is not None:
+        q, k = rope_fn(q, positions, rope), rope_fn(k, positions, rope)
+    return q, k
+
+
+@dataclasses.dataclass(frozen=True)
+class QKPrologue:
+    """What `prepare_qk` does to one layer's q and k, handed to the cache with the projection's
+    q, k: a decode step then does it inside its attention kernel (`decode_attention_append`)."""
+    rope: Rope | None
+    q_norm: jax.Array | None = None
+    k_norm: jax.Array | None = None
+    eps: float = 1e-6
+    offset: float = 0.0
+
+    def __call__(self, q: jax.Array, k: jax.Array, positions: jax.Array, ops=None) -> tuple[jax.Array, jax.Array]:
+        return prepare_qk(q, k, positions, rope=self.rope, q_norm=self.q_norm, k_norm=self.k_norm, eps=self.eps,
+                          offset=self.offset, ops=ops)
+
+    def kwargs(self) -> dict:
+        """As keyword arguments of `decode_attention_append`."""
+        return dict(rope=self.rope, q_norm=self.q_norm, k_norm=self.k_norm, norm_eps=self.eps,
+                    norm_offset=self.offset)
 
 
 ACTIVATIONS = {
@@ -121,10 +159,15 @@ def write_kv(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Arra
 
 def decode_attention_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k: jax.Array, v: jax.Array,
                             q_positions: jax.Array, *, scale: float, window: int | None = None,
-                            softcap: float | None = None, ops=None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One decode token: store its k_new, v_new [batch, 1, kv_heads, head_dim] at q_positions [batch, 1]
-    of the cache k, v, then `decode_attention` of q over the whole cache -> (out, k, v). Here two
-    cache writes and `ops.decode_attention` (a kernel where one applies); on a GPU one kernel does all."""
+                            softcap: float | None = None, rope: Rope | None = None, q_norm: jax.Array | None = None,
+                            k_norm: jax.Array | None = None, norm_eps: float = 1e-6, norm_offset: float = 0.0,
+                            ops=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decode token: `prepare_qk` (when rope or q_norm/k_norm are given: q and k_new are then
+    the projection's), store k_new, v_new [batch, 1, kv_heads, head_dim] at q_positions [batch, 1]
+    of the cache k, v, then `decode_attention` of q over the whole cache -> (out, k, v). Here
+    separate ops and cache writes; on a GPU one kernel does all."""
+    q, k_new = prepare_qk(q, k_new, q_positions, rope=rope, q_norm=q_norm, k_norm=k_norm, eps=norm_eps,
+                          offset=norm_offset, ops=ops)
     k, v = write_kv(k, k_new, q_positions), write_kv(v, v_new, q_positions)
     attend = attention if ops is None else ops.decode_attention
     return attend(q, k, v, q_positions, scale=scale, window=window, softcap=softcap), k, v

@@ -27,7 +27,7 @@ import numpy as np
 
 from ferrum_jax.cache import KV_CODE_MAX, quantize_kv
 from ferrum_jax.errors import ConfigError
-from ferrum_jax.ops import gather_pages
+from ferrum_jax.ops import QKPrologue, gather_pages
 
 
 def pages_for(tokens: int, page_size: int) -> int:
@@ -170,8 +170,11 @@ class PagedKVCache:
 
     def write_attend(self, layer: int, q: jax.Array, k_new: jax.Array, v_new: jax.Array, positions: jax.Array, *,
                      ops, scale: float, window: int | None, softcap: float | None,
-                     kv_len: int | None) -> tuple[jax.Array, PagedKVCache]:
-        """`write` then `attend` (the interface models call; KVCache fuses them for decode)."""
+                     kv_len: int | None, prologue: QKPrologue | None = None) -> tuple[jax.Array, PagedKVCache]:
+        """`prologue` (the projection's q, k_new -> attention's), `write`, then `attend` (the
+        interface models call; KVCache fuses them for decode)."""
+        if prologue is not None:
+            q, k_new = prologue(q, k_new, positions, ops)
         cache = self.write(layer, k_new, v_new, positions)
         return cache.attend(layer, q, positions, ops=ops, scale=scale, window=window, softcap=softcap,
                             kv_len=kv_len), cache

@@ -336,7 +336,8 @@ def _append_layout(mesh: Mesh, q: jax.Array, k_new: jax.Array, v_new: jax.Array,
     """`decode_attention_append` splits as attention: the new k/v by kv heads like the cache."""
     (qs, kv, _, pos), _, out = _attention_layout(mesh, q, k, v, q_positions)
     new = PartitionSpec(qs[0], None, kv[1], None)
-    return (qs, new, new, kv, kv, pos), {}, (out, kv, kv)
+    norms = PartitionSpec(None)  # per-head norm weights [head_dim]: the same on every device
+    return (qs, new, new, kv, kv, pos), {"q_norm": norms, "k_norm": norms}, (out, kv, kv)
 
 
 # Attention on a mesh runs in shard_map on local heads, so its Pallas kernels run there too.

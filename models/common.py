@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from ferrum_jax.backend import Ops
 from ferrum_jax.cache import KVCache
 from ferrum_jax.errors import ConfigError
+from ferrum_jax.ops import QKPrologue
 from ferrum_jax.quant.qweight import QuantWeight
 from ferrum_jax.rope import Rope
 
@@ -159,12 +160,10 @@ def self_attention(p: Attention, x: jax.Array, positions: jax.Array, cache: KVCa
     q = q.reshape(b, t, spec.num_heads, spec.head_dim)
     k = k.reshape(b, t, spec.num_kv_heads, spec.head_dim)
     v = v.reshape(b, t, spec.num_kv_heads, spec.head_dim)
-    if p.q_norm is not None:
-        q = ops.rms_norm(q, p.q_norm, eps=spec.norm_eps, offset=spec.norm_offset)
-        k = ops.rms_norm(k, p.k_norm, eps=spec.norm_eps, offset=spec.norm_offset)
-    q, k = ops.rope(q, positions, spec.rope), ops.rope(k, positions, spec.rope)
+    # q/k norm and rope go with q, k to the cache: a decode step does them inside its attention kernel.
+    prologue = QKPrologue(spec.rope, p.q_norm, p.k_norm, eps=spec.norm_eps, offset=spec.norm_offset)
     out, cache = cache.write_attend(layer, q, k, v, positions, ops=ops, scale=spec.scale, window=spec.window,
-                                    softcap=spec.softcap, kv_len=kv_len)
+                                    softcap=spec.softcap, kv_len=kv_len, prologue=prologue)
     return ops.linear(out.reshape(b, t, -1), p.wo, p.bo), cache
 
 

@@ -16,6 +16,8 @@ from ferrum_jax import decode_kernels  # noqa: F401  registers pallas_decode_app
 from ferrum_jax import ops as ref_ops
 from ferrum_jax.backend import Ops, record_dispatch
 from ferrum_jax.cache import KVCache
+from ferrum_jax.ops import QKPrologue
+from ferrum_jax.rope import Rope
 from pallas_kernels.attention import decode_append
 from tests.test_decode_attention import INTERPRET, _can_lower_for_cuda, _close, naive
 
@@ -72,6 +74,93 @@ def test_append_matches_references(case):
     ref, ref_k, ref_v = decode_append.reference(q, k_new, v_new, k, v, pos, **kw)
     _close(got, np.asarray(ref, np.float32), dtype)
     np.testing.assert_array_equal(np.asarray(ref_k, np.float32), want_k)
+
+
+def _numpy_prologue(x, positions, rope: Rope, w=None, eps=1e-6, offset=0.0) -> np.ndarray:
+    """float64 numpy from the definitions: x [B, 1, H, D] / rms(x) * (offset + w) per head (when w),
+    then the HF rotate-half rope at each row's position over the first rope.dim dims."""
+    x = np.asarray(x, np.float32).astype(np.float64)
+    if w is not None:
+        x = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * (offset + np.asarray(w, np.float64))
+    half = rope.dim // 2
+    inv = 1.0 / rope.theta ** (np.arange(0, rope.dim, 2) / rope.dim)
+    if rope.kind == "linear":
+        inv = inv / rope.factor
+    ang = np.asarray(positions, np.float64)[:, :, None, None] * inv  # [B, 1, 1, dim/2]
+    cos, sin = np.cos(ang) * rope.attention_factor, np.sin(ang) * rope.attention_factor
+    lo, hi = x[..., :half], x[..., half:rope.dim]
+    return np.concatenate([lo * cos - hi * sin, hi * cos + lo * sin, x[..., rope.dim:]], axis=-1)
+
+
+# (dtype, rope, q/k norm, norm offset)
+PROLOGUES = [
+    (jnp.float32, Rope(theta=10000.0, dim=64), False, 0.0),  # Llama: rope only
+    (jnp.float32, Rope(theta=1e6, dim=64), True, 0.0),  # Qwen3: per-head RMSNorm, then rope
+    (jnp.bfloat16, Rope(theta=10000.0, dim=64, kind="linear", factor=4.0), True, 1.0),  # Gemma 3: w - 1 stored
+    (jnp.float32, Rope(theta=10000.0, dim=32), False, 0.0),  # partial rotary: dims 32.. pass through
+]
+
+
+@pytest.mark.parametrize("dtype,rope,norm,offset", PROLOGUES, ids=["rope", "qk_norm", "bf16_offset", "partial"])
+def test_prologue_norms_and_rotates_q_and_k_in_the_kernel(dtype, rope, norm, offset):
+    """Given the projection's q, k_new, the kernel normalizes and rotates them: the cache gets the
+    rotated key, and the output is attention of the rotated query (float64 numpy oracle)."""
+    b, h, kvh, slots, d = 3, 6, 2, 70, 64
+    q, k_new, v_new, k, v = _inputs(11, b, h, kvh, slots, d, dtype)
+    pos = jnp.asarray([[69], [0], [33]], jnp.int32)
+    wq, wk = (None, None) if not norm else (1 + 0.2 * jax.random.normal(jax.random.PRNGKey(i), (d,)) for i in (1, 2))
+    kw = dict(scale=d ** -0.5, window=40, rope=rope, q_norm=wq, k_norm=wk, norm_eps=1e-6, norm_offset=offset)
+    got, got_k, got_v = decode_append.decode_attention_append(q, k_new, v_new, k, v, pos, **kw, block_k=16,
+                                                             num_splits=3, interpret=INTERPRET)
+    q_rot = _numpy_prologue(q, pos, rope, wq, offset=offset)
+    k_rot = _numpy_prologue(k_new, pos, rope, wk, offset=offset)
+    want_k = _numpy_write(k, k_rot, pos)
+    _close(got_k, want_k, dtype)
+    np.testing.assert_array_equal(np.asarray(got_v, np.float32), _numpy_write(v, v_new, pos))
+    _close(got, naive(q_rot, want_k, _numpy_write(v, v_new, pos), np.asarray(pos), scale=kw["scale"], window=40), dtype)
+    # and the reference (ops.prepare_qk, then write and attend) agrees with the kernel
+    ref, ref_k, _ = decode_append.reference(q, k_new, v_new, k, v, pos, **kw)
+    _close(got, np.asarray(ref, np.float32), dtype)
+    _close(got_k, np.asarray(ref_k, np.float32), dtype)
+
+
+def test_write_attend_with_a_prologue_is_prepare_then_write_then_attend():
+    """The model's entry point with the q/k norm and rope handed over: decode takes the op with
+    them; a prefill-shaped call applies them before writing (the same result either way)."""
+    q, k_new, v_new, _, _ = _inputs(4, 2, 8, 2, 1, 64, jnp.float32)
+    cache = KVCache.create(num_layers=1, batch=2, kv_heads=2, capacity=32, head_dim=64, dtype=jnp.float32)
+    pos = jnp.asarray([[5], [31]], jnp.int32)
+    prologue = QKPrologue(Rope(theta=1e6, dim=64), jnp.linspace(0.5, 1.5, 64), jnp.linspace(1.5, 0.5, 64))
+    refs = Ops(force=(("decode_attention_append", "xla"), ("decode_attention", "xla")))
+    kw = dict(ops=refs, scale=0.125, window=None, softcap=None)
+    with record_dispatch() as log:
+        got, new_cache = cache.write_attend(0, q, k_new, v_new, pos, kv_len=None, prologue=prologue, **kw)
+    assert log[0].op == "decode_attention_append"
+    q_rot, k_rot = prologue(q, k_new, pos)
+    np.testing.assert_allclose(np.asarray(q_rot), _numpy_prologue(q, pos, prologue.rope, prologue.q_norm), atol=1e-5)
+    want_cache = cache.write(0, k_rot, v_new, pos)
+    np.testing.assert_array_equal(np.asarray(new_cache.k[0]), np.asarray(want_cache.k[0]))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want_cache.attend(0, q_rot, pos, kv_len=None, **kw)))
+    # kv_len given (a prefill's path): the prologue runs first, then write + attend
+    got2, cache2 = cache.write_attend(0, q, k_new, v_new, pos, kv_len=32, prologue=prologue, **kw)
+    np.testing.assert_array_equal(np.asarray(cache2.k[0]), np.asarray(want_cache.k[0]))
+    np.testing.assert_allclose(np.asarray(got2), np.asarray(got), atol=1e-6)
+
+
+def test_prologue_declines_with_reasons():
+    gpu = Ops(platform="gpu")
+    q, k_new, v_new, k, v = _inputs(0, 1, 8, 2, 32, 64, jnp.bfloat16)
+    pos = jnp.zeros((1, 1), jnp.int32)
+    w = jnp.ones((64,), jnp.bfloat16)
+    impl, _ = gpu.choose("decode_attention_append", q, k_new, v_new, k, v, pos, scale=0.1,
+                         rope=Rope(theta=1e4, dim=64), q_norm=w, k_norm=w)
+    assert impl.name == "pallas_decode_append"
+    for kw, why in [(dict(rope=Rope(theta=1e4, dim=66)), "rope dim 66"),
+                    (dict(rope=Rope(theta=1e4, dim=63)), "rope dim 63"),
+                    (dict(q_norm=w[:32], k_norm=w), "q_norm shape"),
+                    (dict(q_norm=w), "come together")]:
+        impl, choice = gpu.choose("decode_attention_append", q, k_new, v_new, k, v, pos, scale=0.1, **kw)
+        assert impl.name == "xla" and why in str(choice), (kw, str(choice))
 
 
 def test_splits_merge_in_the_kernel_whatever_their_count():
@@ -139,6 +228,19 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="block_k 24"):
         decode_append.decode_attention_append(q, k_new, v_new, k, v, jnp.zeros((1, 1), jnp.int32), scale=0.1,
                                               block_k=24, interpret=INTERPRET)
+
+
+def test_prologue_lowers_for_cuda_at_qwen3_shapes():
+    """Qwen3-30B-A3B's attention (32/4 heads, head_dim 128, q/k norm, rope theta 1e6) at 1k."""
+    reason = _can_lower_for_cuda()
+    if reason is not None:
+        pytest.skip(reason)
+    sds = jax.ShapeDtypeStruct
+    q, new = sds((1, 1, 32, 128), jnp.bfloat16), sds((1, 1, 4, 128), jnp.bfloat16)
+    kv, pos, w = sds((1, 4, 1024, 128), jnp.bfloat16), sds((1, 1), jnp.int32), sds((128,), jnp.bfloat16)
+    f = partial(decode_append.decode_attention_append, scale=128 ** -0.5, rope=Rope(theta=1e6, dim=128))
+    lowered = jax.jit(f).trace(q, new, new, kv, kv, pos, q_norm=w, k_norm=w).lower(lowering_platforms=("cuda",))
+    assert "triton" in lowered.as_text()[:100000]
 
 
 @pytest.mark.parametrize("batch,slots", [(1, 2128), (1, 32768), (64, 4096)])

@@ -17,9 +17,17 @@ writes, a query pad, the split combine) — each one a launch that costs more th
   program that draws the last ticket reads every split's partials and writes the normalized output,
   and leaves the counter at zero. With one split there are no partials at all.
 - The counters are a zeroed [B, KVH, 1] operand (a tiny memset per call, ~0.9 us on an H200).
+- Optionally the kernel also does what turns the projection's q, k into attention's (`rope`, and
+  before it Qwen3's / Gemma 3's per-head RMSNorm `q_norm`, `k_norm`): each program normalizes and
+  rotates its query rows, split 0 the new key, before storing it. That was one or two XLA fusions
+  per layer (~2 us for Llama, ~5 us for Qwen3 on an H200) between the projection and this kernel;
+  now the projection's output reaches the kernel untouched. Rotate-half needs each element's
+  partner half a head away: it is loaded straight from memory with a permuted column index (a
+  gather of the same cache lines), so no register shuffle is needed; cos and sin come as one small
+  [B, 2, D] table (XLA computes it once per step for all layers).
 
-`reference` is the semantics: write k_new, v_new at q_positions (dropped past the capacity), then
-`ferrum_jax.ops.attention` over the whole cache.
+`reference` is the semantics: `ferrum_jax.ops.prepare_qk` (norm, rope) when asked, write k_new,
+v_new at q_positions (dropped past the capacity), then `ferrum_jax.ops.attention` over the whole cache.
 """
 
 from __future__ import annotations
@@ -33,12 +41,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from ferrum_jax import ops as ref_ops
+from ferrum_jax.rope import Rope
 from pallas_kernels.attention.decode import (MASKED, SM_COUNT, DecodeConfig, _pow2_floor, attend_tile, check_inputs,
                                              choose_config, init_state, masked_load, padded_group, triton_params,
                                              visible_blocks)
 
 
-def unsupported(q, k_new, v_new, k, v, q_positions) -> str | None:
+def unsupported(q, k_new, v_new, k, v, q_positions, rope: Rope | None = None, q_norm=None, k_norm=None) -> str | None:
     """None if `decode_attention_append` runs these arguments, else why not."""
     reason = check_inputs(q, k, v, None, None)
     if reason is not None:
@@ -55,16 +64,55 @@ def unsupported(q, k_new, v_new, k, v, q_positions) -> str | None:
         return f"new k/v dtype {k_new.dtype}/{v_new.dtype} != cache dtype {k.dtype}/{v.dtype}"
     if q_positions.shape != (b, 1) or not jnp.issubdtype(q_positions.dtype, jnp.integer):
         return f"q_positions {q_positions.shape} {q_positions.dtype} is not int [batch, 1]"
+    if (q_norm is None) != (k_norm is None):
+        return "q_norm and k_norm come together"
+    for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
+        if w is not None and w.shape != (d,):
+            return f"{name} shape {w.shape} != (head_dim,) = {(d,)}"
+    if rope is not None and (rope.dim % 2 or not 0 < rope.dim <= d):
+        return f"rope dim {rope.dim} is not even and within head_dim {d}"
     return None
 
 
-def _append_kernel(pos_ref, qkv_ref, k_ref, v_ref, _cnt_in, o_ref, k_out, v_out, cnt_ref, *partials,
-                   scale, window, softcap, block_k, splits, group, kv_heads, slots, interpret):
+def _prologue(x_ref, first, n, valid, cs_ref, w_ref, *, rope_dim, eps, offset):
+    """Rows first .. first + n of x_ref (rows past `valid` read as zeros), per-head RMS-normalized
+    by w_ref (when given) and rotated by cs_ref's [cos; signed sin] (when given), rounded to x's
+    dtype after each step as `ferrum_jax.ops.prepare_qk` does -> [n, D]."""
+    r = first + lax.iota(jnp.int32, n)
+    inside = r < valid
+    r = jnp.minimum(r, x_ref.shape[0] - 1)[:, None]  # gathers: in range, so no mask needed
+    d = x_ref.shape[1]
+    col = lax.iota(jnp.int32, d)
+    x = x_ref[r, col[None, :]]
+    if cs_ref is None and w_ref is None:
+        return jnp.where(inside[:, None], x, 0)
+    dt = x.dtype
+    half = rope_dim // 2
+    partner = jnp.where(col < rope_dim, lax.rem(col + half, rope_dim), col)  # rotate-half's source column
+    xf = x.astype(jnp.float32)
+    xp = x_ref[r, partner[None, :]].astype(jnp.float32) if cs_ref is not None else None
+    if w_ref is not None:
+        inv = lax.rsqrt(jnp.mean(xf * xf, axis=1, keepdims=True) + eps)
+        xf = (xf * inv * (offset + w_ref[...].astype(jnp.float32))[None, :]).astype(dt).astype(jnp.float32)
+        if xp is not None:
+            wp = w_ref[partner].astype(jnp.float32)
+            xp = (xp * inv * (offset + wp)[None, :]).astype(dt).astype(jnp.float32)
+    if cs_ref is not None:
+        xf = xf * cs_ref[0, :][None, :] + xp * cs_ref[1, :][None, :]
+    return jnp.where(inside[:, None], xf, 0.0).astype(dt)
+
+
+def _append_kernel(pos_ref, qkv_ref, k_ref, v_ref, _cnt_in, *refs, scale, window, softcap, block_k, splits, group,
+                   kv_heads, slots, rope_dim, norm, norm_eps, norm_offset, interpret):
+    cs_ref, refs = (refs[0], refs[1:]) if rope_dim else (None, refs)
+    (qn_ref, kn_ref), refs = (refs[:2], refs[2:]) if norm else ((None, None), refs)
+    o_ref, k_out, v_out, cnt_ref, *partials = refs
+    prologue = partial(_prologue, cs_ref=cs_ref, rope_dim=rope_dim, eps=norm_eps, offset=norm_offset)
     j, split = pl.program_id(1), pl.program_id(2)
     pos = pos_ref[0]
     gp = padded_group(group)
     rows = lax.iota(jnp.int32, gp) < group
-    q = masked_load(qkv_ref.at[pl.ds(j * group, gp), :], rows[:, None])
+    q = prologue(qkv_ref, j * group, gp, (j + 1) * group, w_ref=qn_ref)
     lo, hi, start, stop = visible_blocks(pos, slots, block_k, window, splits, own_slot=False)
     ragged = slots % block_k != 0
 
@@ -81,7 +129,8 @@ def _append_kernel(pos_ref, qkv_ref, k_ref, v_ref, _cnt_in, o_ref, k_out, v_out,
     # The new token (visible to itself under any window), in split 0 only; dropped past the capacity.
     own = (split == 0) & (pos < slots)
     heads = kv_heads * group  # qkv rows: [q heads; k heads; v heads]
-    kn, vn = qkv_ref[heads + j, :], qkv_ref[heads + kv_heads + j, :]
+    kn = prologue(qkv_ref, heads + j, 1, heads + j + 1, w_ref=kn_ref).reshape(qkv_ref.shape[1])
+    vn = qkv_ref[heads + kv_heads + j, :]
     s_new = jnp.sum(q.astype(jnp.float32) * kn.astype(jnp.float32)[None, :], axis=1) * scale
     if softcap is not None:
         s_new = softcap * jnp.tanh(s_new / softcap)
@@ -170,17 +219,33 @@ def merge_chunk(splits: int, rows: int, dv: int) -> int:
     return max(1, min(1 << (splits - 1).bit_length(), _pow2_floor(8192 // (rows * dv))))
 
 
-@partial(jax.jit, static_argnames=("scale", "window", "softcap", "block_k", "num_splits", "num_warps",
-                                   "num_stages", "interpret"))
+def rope_table(q_positions: jax.Array, rope: Rope, head_dim: int) -> jax.Array:
+    """[B, 2, head_dim] float32: cos, and sin signed for rotate-half (-sin on the first half of
+    the rotated dims), at each row's position; columns past rope.dim pass through (cos 1, sin 0).
+    The same formulas as `ferrum_jax.ops.rope`, so the values are the same."""
+    angles = q_positions[:, 0].astype(jnp.float32)[:, None] * jnp.asarray(rope.inv_freq())  # [B, dim/2]
+    cos, sin = jnp.cos(angles) * rope.attention_factor, jnp.sin(angles) * rope.attention_factor
+    rest = head_dim - rope.dim
+    pad = lambda x, value: jnp.pad(x, ((0, 0), (0, rest)), constant_values=value)  # noqa: E731
+    return jnp.stack([pad(jnp.concatenate([cos, cos], axis=1), 1.0), pad(jnp.concatenate([-sin, sin], axis=1), 0.0)],
+                     axis=1)
+
+
+@partial(jax.jit, static_argnames=("scale", "window", "softcap", "rope", "norm_eps", "norm_offset", "block_k",
+                                   "num_splits", "num_warps", "num_stages", "interpret"))
 def decode_attention_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k: jax.Array, v: jax.Array,
                             q_positions: jax.Array, *, scale: float, window: int | None = None,
-                            softcap: float | None = None, block_k: int | None = None, num_splits: int | None = None,
+                            softcap: float | None = None, rope: Rope | None = None, q_norm: jax.Array | None = None,
+                            k_norm: jax.Array | None = None, norm_eps: float = 1e-6, norm_offset: float = 0.0,
+                            block_k: int | None = None, num_splits: int | None = None,
                             num_warps: int | None = None, num_stages: int | None = None,
                             interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Store k_new, v_new [B, 1, KVH, D] at q_positions [B, 1] of the cache k, v [B, KVH, S, D]
     (in place where the caller donates it), and attend q [B, 1, H, D] over it -> (out [B, 1, H, Dv]
-    in q's dtype, k, v). The launch config defaults as `default_config`."""
-    reason = unsupported(q, k_new, v_new, k, v, q_positions)
+    in q's dtype, k, v). With `q_norm`, `k_norm` [D] and/or `rope`, q and k_new are the projection's
+    and the kernel applies `ferrum_jax.ops.prepare_qk` to them first. The launch config defaults as
+    `default_config`."""
+    reason = unsupported(q, k_new, v_new, k, v, q_positions, rope, q_norm, k_norm)
     if reason is not None:
         raise ValueError(f"decode_attention_append: {reason}")
     b, _, h, d = q.shape
@@ -193,7 +258,9 @@ def decode_attention_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k:
     qkv = jnp.concatenate([q.reshape(b, h, d), k_new.reshape(b, kvh, d), v_new.reshape(b, kvh, dv)], axis=1)
     kernel = partial(_append_kernel, scale=float(scale), window=window,
                      softcap=None if softcap is None else float(softcap), block_k=cfg.block_k, splits=splits,
-                     group=g, kv_heads=kvh, slots=slots, interpret=interpret)
+                     group=g, kv_heads=kvh, slots=slots, rope_dim=0 if rope is None else rope.dim,
+                     norm=q_norm is not None, norm_eps=float(norm_eps), norm_offset=float(norm_offset),
+                     interpret=interpret)
     cache_k = pl.BlockSpec((None, None, slots, d), lambda i, j, s: (i, j, 0, 0))
     cache_v = pl.BlockSpec((None, None, slots, dv), lambda i, j, s: (i, j, 0, 0))
     counter = pl.BlockSpec((None, None, 1), lambda i, j, s: (i, j, 0))
@@ -202,6 +269,13 @@ def decode_attention_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k:
         pl.BlockSpec((None, h + 2 * kvh, d), lambda i, j, s: (i, 0, 0)),
         cache_k, cache_v, counter,
     ]
+    extra = []  # after the aliased operands, so their indices stay put
+    if rope is not None:
+        extra.append(rope_table(q_positions, rope, d))
+        in_specs.append(pl.BlockSpec((None, 2, d), lambda i, j, s: (i, 0, 0)))
+    if q_norm is not None:
+        extra += [q_norm, k_norm]
+        in_specs += [pl.BlockSpec((d,), lambda i, j, s: (0,))] * 2
     out_specs = [pl.BlockSpec((None, h, dv), lambda i, j, s: (i, 0, 0)), cache_k, cache_v, counter]
     out_shape = [jax.ShapeDtypeStruct((b, h, dv), q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((b, kvh, 1), jnp.int32)]
@@ -222,14 +296,17 @@ def decode_attention_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k:
         interpret=interpret,
         name="decode_attention_append",
         **triton_params(cfg.num_warps, cfg.num_stages, interpret),
-    )(q_positions.astype(jnp.int32), qkv, k, v, jnp.zeros((b, kvh, 1), jnp.int32))
+    )(q_positions.astype(jnp.int32), qkv, k, v, jnp.zeros((b, kvh, 1), jnp.int32), *extra)
     return out.reshape(b, 1, h, dv), k, v
 
 
 def reference(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
-              *, scale: float, window: int | None = None, softcap: float | None = None
-              ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The oracle: ferrum_jax.ops.write_kv then ferrum_jax.ops.attention over the whole cache."""
+              *, scale: float, window: int | None = None, softcap: float | None = None, rope: Rope | None = None,
+              q_norm: jax.Array | None = None, k_norm: jax.Array | None = None, norm_eps: float = 1e-6,
+              norm_offset: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The oracle: ferrum_jax.ops.prepare_qk, write_kv, then ferrum_jax.ops.attention over the whole cache."""
+    q, k_new = ref_ops.prepare_qk(q, k_new, q_positions, rope=rope, q_norm=q_norm, k_norm=k_norm, eps=norm_eps,
+                                  offset=norm_offset)
     k, v = ref_ops.write_kv(k, k_new, q_positions), ref_ops.write_kv(v, v_new, q_positions)
     return ref_ops.attention(q, k, v, q_positions, scale=scale, window=window, softcap=softcap), k, v
 
