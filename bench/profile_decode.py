@@ -29,7 +29,7 @@ from ferrum_jax.shapes import random_weights, shape_config  # noqa: E402
 
 
 def kernel_events(trace_dir: Path) -> list[dict]:
-    path = next(trace_dir.rglob("*.trace.json.gz"))
+    path = max(trace_dir.rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)  # this run's, not an older one
     trace = json.loads(gzip.open(path).read())
     names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"]
              if e.get("ph") == "M" and e.get("name") == "process_name"}

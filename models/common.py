@@ -151,15 +151,19 @@ def self_attention(p: Attention, x: jax.Array, positions: jax.Array, cache: KVCa
     `kv_len` cache slots (all of them when None), project out."""
     b, t, _ = x.shape
     q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-    if p.wqkv is not None:  # split each shard's [q_i; k_i; v_i] group (one group unless sharded)
+    h, kvh, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    if p.wqkv is not None and p.shards == 1:
+        # split along heads: the decode kernel's operand concatenates them back along the same
+        # axis, which XLA folds into the projection's output (no copy)
+        qkv = ops.linear(x, p.wqkv, p.bqkv).reshape(b, t, h + 2 * kvh, d)
+        q, k, v = qkv[:, :, :h], qkv[:, :, h:h + kvh], qkv[:, :, h + kvh:]
+    elif p.wqkv is not None:  # split each shard's [q_i; k_i; v_i] group
         qkv = ops.linear(x, p.wqkv, p.bqkv).reshape(b, t, p.shards, -1)
         qs, ks = q_size // p.shards, kv_size // p.shards
         q, k, v = qkv[..., :qs], qkv[..., qs:qs + ks], qkv[..., qs + ks:]
     else:
         q, k, v = ops.linear(x, p.wq, p.bq), ops.linear(x, p.wk, p.bk), ops.linear(x, p.wv, p.bv)
-    q = q.reshape(b, t, spec.num_heads, spec.head_dim)
-    k = k.reshape(b, t, spec.num_kv_heads, spec.head_dim)
-    v = v.reshape(b, t, spec.num_kv_heads, spec.head_dim)
+    q, k, v = q.reshape(b, t, h, d), k.reshape(b, t, kvh, d), v.reshape(b, t, kvh, d)
     # q/k norm and rope go with q, k to the cache: a decode step does them inside its attention kernel.
     prologue = QKPrologue(spec.rope, p.q_norm, p.k_norm, eps=spec.norm_eps, offset=spec.norm_offset)
     out, cache = cache.write_attend(layer, q, k, v, positions, ops=ops, scale=spec.scale, window=spec.window,

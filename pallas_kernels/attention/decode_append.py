@@ -255,7 +255,9 @@ def decode_attention_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k:
     gr = 1 << (g - 1).bit_length()  # partial rows: the group, padded to a power of two
     # One operand for the new token's q, k, v: XLA fuses their producers (the rope of q and k, the
     # slices of the fused projection) into the one fusion that writes it.
-    qkv = jnp.concatenate([q.reshape(b, h, d), k_new.reshape(b, kvh, d), v_new.reshape(b, kvh, dv)], axis=1)
+    # Concatenated along the heads axis before any reshape: slices of one projection along that
+    # axis concatenate back into it (XLA folds the copy away).
+    qkv = jnp.concatenate([q, k_new, v_new], axis=2).reshape(b, h + 2 * kvh, d)
     kernel = partial(_append_kernel, scale=float(scale), window=window,
                      softcap=None if softcap is None else float(softcap), block_k=cfg.block_k, splits=splits,
                      group=g, kv_heads=kvh, slots=slots, rope_dim=0 if rope is None else rope.dim,
