@@ -6,7 +6,7 @@ its Triton GEMMs off (cuBLAS), at the projection shapes of Llama-3.1-8B and Qwen
     python bench/gemv.py --smoke --out /tmp/x          # tiny, CPU (interpret)
 
 Each timed call reads a different copy of the weight (enough copies to overflow the L2), as a
-model's layers do; bytes read per second are reported as a fraction of the copy bandwidth
+model's layers do, inside one fori_loop (no host launch per call); bytes read per second are reported as a fraction of the copy bandwidth
 measured in the same run. With several tiles given, every (block_n, block_k, warps) is timed and
 the best one per shape is reported.
 """
@@ -38,20 +38,23 @@ SHAPES = {  # name: (N, K) of w [out, in]
 L2_BYTES = 50 << 20  # H100/H200: 50 MB
 
 
-def timed(fn, ws: list, x: jax.Array, reps: int) -> float:
-    """Median seconds of one linear, over a chain of calls on distinct weight copies in one program."""
-    def chain(x, *ws):
-        acc = jnp.zeros((), jnp.float32)
-        for w in ws:
-            acc = acc + fn(x, w)[..., 0].astype(jnp.float32).sum()
-        return acc
-    compiled = fn.compiled_chain(chain, x, ws) if hasattr(fn, "compiled_chain") else jax.jit(chain)
+def timed(fn, ws: list, x: jax.Array, reps: int, iters: int = 20) -> float:
+    """Median seconds of one linear: a fori_loop of `iters` rounds over the distinct weight copies
+    (one compiled program, as a model's decode loop: no host launch per kernel), per call."""
+    def rounds(x, *ws):
+        def body(_, x):
+            for w in ws:  # each output feeds the next input: the calls run one after another
+                y = fn(x, w)
+                x = x + (y[..., :1] * 0).astype(x.dtype)
+            return x
+        return jax.lax.fori_loop(0, iters, body, x)
+    compiled = fn.compiled(rounds, x, ws) if hasattr(fn, "compiled") else jax.jit(rounds)
     jax.block_until_ready(compiled(x, *ws))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(x, *ws))
-        times.append((time.perf_counter() - t0) / len(ws))
+        times.append((time.perf_counter() - t0) / (iters * len(ws)))
     return statistics.median(times)
 
 
@@ -62,8 +65,8 @@ class NoTritonGemm:
         return ref_ops.linear(x, w)
 
     @staticmethod
-    def compiled_chain(chain, x, ws):
-        return jax.jit(chain).lower(x, *ws).compile({"xla_gpu_enable_triton_gemm": False})
+    def compiled(rounds, x, ws):
+        return jax.jit(rounds).lower(x, *ws).compile({"xla_gpu_enable_triton_gemm": False})
 
 
 def main() -> None:
@@ -73,7 +76,7 @@ def main() -> None:
     ap.add_argument("--block-n", type=int, nargs="+", default=[8, 16, 32])
     ap.add_argument("--block-k", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--commit", default=None)
