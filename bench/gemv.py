@@ -34,6 +34,7 @@ SHAPES = {  # name: (N, K) of w [out, in]
     "qwen3-30b-a3b qkv": (5120, 2048), "qwen3-30b-a3b o": (2048, 4096), "qwen3-30b-a3b router": (128, 2048),
     "llama-3.1-8b qkv": (6144, 4096), "llama-3.1-8b o": (4096, 4096), "llama-3.1-8b gate_up": (28672, 4096),
     "llama-3.1-8b down": (4096, 14336),
+    "qwen3-30b-a3b lm_head": (151936, 2048), "llama-3.1-8b lm_head": (128256, 4096),
 }
 L2_BYTES = 50 << 20  # H100/H200: 50 MB
 

@@ -14,6 +14,7 @@ from ferrum_jax import attention_kernels as _attention_kernels  # noqa: F401  re
 from ferrum_jax import ragged_kernels as _ragged_kernels  # noqa: F401  registers ragged_paged_attention
 from ferrum_jax import decode_kernels as _decode_kernels  # noqa: F401  registers pallas_decode / pallas_paged_decode
 from ferrum_jax import norm_kernels as _norm_kernels  # noqa: F401  registers pallas_add_rms_norm
+from ferrum_jax import linear_kernels as _linear_kernels  # noqa: F401  registers pallas_gemv (decode linear)
 from ferrum_jax.backend import DEFAULT_OPS, Ops, record_dispatch
 from ferrum_jax.cache import KVCache
 from ferrum_jax.kv_config import KVCacheConfig

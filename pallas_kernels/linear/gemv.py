@@ -33,9 +33,10 @@ FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class GemvConfig:
-    block_n: int = 16  # weight rows (outputs) per program
+    # H200 sweep (bench/results/gemv_bench_*): few rows per program (many programs) won at every shape.
+    block_n: int = 8  # weight rows (outputs) per program
     block_k: int = 512  # inputs per load
-    num_warps: int = 4
+    num_warps: int = 8
 
 
 def _fit(dim: int, want: int) -> int:
