@@ -1,13 +1,15 @@
 """GPU kernel registration for dense `linear` at decode (a few rows of x).
 
-`linear` -> `pallas_gemv` (pallas_kernels/linear/gemv.py) for dense weights, 1..4 rows of x, and
-outputs at least WIDE_RATIO times the inputs (N >= 2K: Qwen3-30B-A3B's qkv [5120, 2048], Llama's
-fused gate_up [28672, 4096], the vocabulary projections). There it measured faster than what XLA
-compiles (bench/results/gemv_bench_*: Qwen3-30B-A3B's qkv 11.0 vs 17.3 us a call on an H200, where
-XLA's autotuner had picked a Triton GEMM that runs at half the bandwidth in the model), and the
-choice no longer changes from one compile to the next. Narrower projections (o, down, the router)
-measured faster through XLA, so the kernel declines them, as it does prefill-sized x, quantized
-weights (their own kernels) and mixed dtypes. Not partitionable: on a mesh XLA runs the matmul.
+`linear` -> `pallas_gemv` (pallas_kernels/linear/gemv.py) for dense weights of at most MAX_BYTES,
+1..4 rows of x, and outputs at least WIDE_RATIO times the inputs (N >= 2K: Qwen3-30B-A3B's qkv
+[5120, 2048]). There it is as fast as XLA's best and does not change from one compile to the next:
+XLA's autotuner times its candidates with the weight L2-resident and, for ~20 MB weights, picked a
+Triton GEMM in some compiles that runs at half the bandwidth in the model (Qwen3-30B-A3B's qkv in
+a decode profile on an H200: 13.2 us, 7.6 us as the GEMV; bench/results/gemv_bench_*). Narrower
+projections (o, down, the router) measured faster through XLA, and the vocabulary projections
+(0.6-1 GB) stream at the copy bandwidth through XLA already (the GEMV 3-5% behind), so the kernel
+declines them, as it does prefill-sized x, quantized weights (their own kernels) and mixed dtypes.
+Not partitionable: on a mesh XLA runs the matmul.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ferrum_jax.backend import Impl, register
 from pallas_kernels.linear import gemv
 
 WIDE_RATIO = 2  # out_features / in_features from which the GEMV beat XLA at decode (H200)
+MAX_BYTES = 128 << 20  # larger weights: XLA streams them at the copy bandwidth
 
 
 def pallas_gemv(x: jax.Array, w: jax.Array, bias: jax.Array | None = None) -> jax.Array:
@@ -34,6 +37,8 @@ def _applies(x: Any, w: Any, bias: Any = None) -> str | None:
     n, k = w.shape
     if n < WIDE_RATIO * k:
         return f"weight [{n}, {k}] narrower than {WIDE_RATIO}x its inputs (XLA measured faster)"
+    if w.size * w.dtype.itemsize > MAX_BYTES:
+        return f"weight of {w.size * w.dtype.itemsize >> 20} MiB > {MAX_BYTES >> 20} MiB (XLA streams it as fast)"
     return None
 
 

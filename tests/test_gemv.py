@@ -74,6 +74,13 @@ def test_linear_dispatch_takes_wide_decode_projections_only():
     assert Ops(platform="cpu").choose("linear", x1, jnp.ones((640, 256), jnp.bfloat16), None)[0].name == "xla"
 
 
+def test_linear_dispatch_leaves_large_weights_to_xla(monkeypatch):
+    monkeypatch.setattr(linear_kernels, "MAX_BYTES", 1 << 10)  # as a vocabulary projection past the limit
+    impl, choice = Ops(platform="gpu").choose("linear", jnp.ones((1, 1, 256), jnp.bfloat16),
+                                              jnp.ones((640, 256), jnp.bfloat16), None)
+    assert impl.name == "xla" and "MiB" in str(choice)
+
+
 def test_lowers_for_cuda_at_qwen3_30b_shapes():
     reason = _can_lower_for_cuda()
     if reason is not None:
