@@ -101,9 +101,8 @@ def prefill(weights: Any, cache: Cache, tokens: jax.Array, lengths: jax.Array, p
     return _advance(start, first, update_seen(seen, first), key, cache.capacity), cache
 
 
-@partial(jax.jit, static_argnames=("cfg", "ops"), donate_argnames=("cache", "state"))
-def decode(weights: Any, cache: Cache, state: DecodeState, params: SamplingArrays, steps: jax.Array, *,
-           cfg: Any, ops: Ops) -> tuple[DecodeState, Cache]:
+def _decode_loop(weights: Any, cache: Cache, state: DecodeState, params: SamplingArrays, steps: jax.Array, *,
+                 cfg: Any, ops: Ops) -> tuple[DecodeState, Cache]:
     """Up to `steps` decode steps (fewer if every row stops), all on device."""
 
     def cond(carry):
@@ -121,6 +120,39 @@ def decode(weights: Any, cache: Cache, state: DecodeState, params: SamplingArray
     return state, cache
 
 
+class DecodeProgram:
+    """The jitted multi-step decode loop (`_decode_loop`), called as a jitted function (and
+    `.lower(...)` for AOT use). Each call picks the program compiled with the XLA options that
+    `ops.compiler_options(batch)` gives (cuBLAS GEMMs for large batches on GPU); one jit each."""
+
+    __name__ = "decode"
+
+    def __init__(self, out_shardings: Any = None):
+        self.out_shardings = out_shardings
+        self._jitted: dict[tuple[tuple[str, Any], ...], Any] = {}
+
+    def program(self, state: DecodeState, ops: Ops) -> Any:
+        options = ops.compiler_options(state.last.shape[0]) or {}
+        key = tuple(sorted(options.items()))
+        if key not in self._jitted:
+            kw = {} if self.out_shardings is None else {"out_shardings": self.out_shardings}
+            self._jitted[key] = jax.jit(_decode_loop, static_argnames=("cfg", "ops"), donate_argnames=("cache", "state"),
+                                        compiler_options=options or None, **kw)
+        return self._jitted[key]
+
+    def __call__(self, weights: Any, cache: Cache, state: DecodeState, params: SamplingArrays, steps: jax.Array,
+                 *, cfg: Any, ops: Ops) -> tuple[DecodeState, Cache]:
+        """Up to `steps` decode steps (fewer if every row stops), all on device; `cache` and
+        `state` are donated."""
+        return self.program(state, ops)(weights, cache, state, params, steps, cfg=cfg, ops=ops)
+
+    def lower(self, weights: Any, cache: Cache, state: Any, params: Any, steps: Any, *, cfg: Any, ops: Ops) -> Any:
+        return self.program(state, ops).lower(weights, cache, state, params, steps, cfg=cfg, ops=ops)
+
+
+decode = DecodeProgram()
+
+
 @functools.cache
 def _programs(mesh: jax.sharding.Mesh | None) -> tuple[Any, Any]:
     """(prefill, decode) for a model on `mesh`: the same functions jitted with the sharded layouts of
@@ -132,8 +164,7 @@ def _programs(mesh: jax.sharding.Mesh | None) -> tuple[Any, Any]:
     state = DecodeState(**{f.name: rows for f in dataclasses.fields(DecodeState)} | {"stop_ids": sharding.replicated(mesh)})
     out = (state, KVCache(k=cache, v=cache))
     return (jax.jit(prefill.__wrapped__, static_argnames=("cfg", "ops"), donate_argnames=("cache",), out_shardings=out),
-            jax.jit(decode.__wrapped__, static_argnames=("cfg", "ops"), donate_argnames=("cache", "state"),
-                    out_shardings=out))
+            DecodeProgram(out_shardings=out))
 
 
 @dataclasses.dataclass

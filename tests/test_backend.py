@@ -254,3 +254,27 @@ def test_model_on_a_mesh_gets_sharded_ops(tiny_model):
     mesh = fj.make_mesh(tp=1)
     sharded = dataclasses.replace(tiny_model, mesh=mesh)
     assert sharded.ops.sharded and sharded.ops.mesh is mesh
+
+
+# ---------------------------------------------------------------------------------------------
+# XLA compiler options of the decode programs
+
+
+def test_compiler_options_turn_triton_gemms_off_from_the_row_threshold_on_gpu_only():
+    gpu = Ops(platform="gpu")
+    assert gpu.compiler_options(gpu.cublas_from_rows) == {"xla_gpu_enable_triton_gemm": False}
+    assert gpu.compiler_options(gpu.cublas_from_rows - 1) is None
+    assert Ops(platform="cpu").compiler_options(1024) is None
+    assert Ops(platform="gpu", cublas_from_rows=None).compiler_options(1024) is None
+    assert Ops(platform="gpu", cublas_from_rows=1).compiler_options(1) == {"xla_gpu_enable_triton_gemm": False}
+
+
+def test_decode_picks_one_jitted_program_per_compiler_options():
+    from ferrum_jax.generate import DecodeProgram
+
+    prog = DecodeProgram()
+    state = lambda rows: type("S", (), {"last": jnp.zeros((rows,), jnp.int32)})()  # noqa: E731
+    gpu = Ops(platform="gpu", cublas_from_rows=8)
+    small, large, again = prog.program(state(4), gpu), prog.program(state(8), gpu), prog.program(state(16), gpu)
+    assert small is not large and large is again
+    assert prog.program(state(16), Ops(platform="cpu")) is small  # no options: the same program

@@ -90,3 +90,44 @@ def test_lowers_for_cuda_at_qwen3_30b_shapes():
         lowered = jax.jit(gemv.gemv).trace(sds((1, 1, k), jnp.bfloat16), sds((n, k), jnp.bfloat16)).lower(
             lowering_platforms=("cuda",))
         assert "triton" in lowered.as_text()[:100000]
+    lowered = jax.jit(gemv.gemv_gated, static_argnums=2).trace(
+        sds((1, 1, 4096), jnp.bfloat16), sds((28672, 4096), jnp.bfloat16), "silu").lower(lowering_platforms=("cuda",))
+    assert "triton" in lowered.as_text()[:100000]  # Llama-3.1-8B's fused [gate; up]
+
+
+def _numpy_gated(x, w, act) -> np.ndarray:
+    """act(x gate^T) * (x up^T) in float64 from the definitions (silu(g) = g / (1 + e^-g))."""
+    y = _numpy_linear(x, w)
+    f = w.shape[0] // 2
+    g, u = y[..., :f], y[..., f:]
+    return {"silu": g / (1 + np.exp(-g)), "relu": np.maximum(g, 0)}[act] * u
+
+
+@pytest.mark.parametrize("lead,f,k,dtype,act,config", [
+    ((1, 1), 24, 256, jnp.float32, "silu", gemv.GemvConfig(8, 64, 4)),  # 3 row blocks, 4 steps
+    ((3,), 32, 128, jnp.bfloat16, "silu", None),  # 3 rows
+    ((2, 1), 16, 96, jnp.float32, "relu", gemv.GemvConfig(8, 32, 4)),
+])
+def test_gemv_gated_matches_numpy(lead, f, k, dtype, act, config):
+    keys = jax.random.split(jax.random.PRNGKey(f + k), 2)
+    x = jax.random.normal(keys[0], (*lead, k), jnp.float32).astype(dtype)
+    w = (jax.random.normal(keys[1], (2 * f, k), jnp.float32) * 2 / np.sqrt(k)).astype(dtype)
+    got = gemv.gemv_gated(x, w, act, config=config, interpret=INTERPRET)
+    assert got.shape == (*lead, f) and got.dtype == dtype
+    tol = dict(rtol=3e-2, atol=3e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got, np.float32), _numpy_gated(x, w, act), **tol)
+    np.testing.assert_allclose(np.asarray(got, np.float32),  # and the jnp reference's rounding
+                               np.asarray(gemv.gated_reference(x, w, act), np.float32), **tol)
+
+
+def test_gated_mlp_dispatch_rule():
+    ops = Ops(platform="gpu")
+    x, w = jnp.ones((1, 1, 64), jnp.bfloat16), jnp.ones((64, 64), jnp.bfloat16)
+    down = jnp.ones((64, 32), jnp.bfloat16)
+    assert ops.choose("gated_mlp", x, w, None, down, "silu", ops=ops)[0].name == "pallas_gemv_gated"
+    for args, why in [((x, w[:32], w[32:], down, "silu"), "separate gate and up"),
+                      ((x, w, None, down, "swish"), "activation 'swish'"),
+                      ((jnp.ones((8, 64), jnp.bfloat16), w, None, down, "silu"), "8 rows"),
+                      ((x, w[:40], None, down, "silu"), "halves")]:
+        impl, choice = ops.choose("gated_mlp", *args, ops=ops)
+        assert impl.name == "xla" and why in dict(choice.skipped)["pallas_gemv_gated"], args

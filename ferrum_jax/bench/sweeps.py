@@ -104,7 +104,8 @@ def bench_decode(weights: Any, cfg: Any, ops: Ops, *, batch: int, context: int, 
             "seconds_per_step": t / steps, "tokens_per_second": batch * steps / t,
             "kv_bytes_per_step": kv_bytes, "first_call_seconds": first.seconds,
             "compile_seconds": first.compile_seconds, "compiles_cold": first.compiles,
-            "compiles_warmup": warm.compiles, "compiles_during_timing": compiles, "dispatch": first.dispatch}
+            "compiles_warmup": warm.compiles, "compiles_during_timing": compiles, "dispatch": first.dispatch,
+            "xla_compiler_options": ops.compiler_options(batch) or {}}
 
 
 def bench_prefill(weights: Any, cfg: Any, ops: Ops, *, length: int, runs: int, kv_dtype: Any,
