@@ -27,7 +27,6 @@ class GemvConfig:
 
 
 MAX_FMA_ROWS = 4  # rows of x the "fma" variant unrolls
-MAX_UNROLL = 16  # K steps of the few-row variants unrolled (all loads in flight); more: a loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,17 +100,6 @@ def unsupported(x: jax.Array, w: QuantWeight, config: GemvConfig) -> str | None:
         if bk % sup or (bk // sup) & (bk // sup - 1):
             return f"block_k {bk} is not a power-of-two number of {sup}-blocks"
     return None
-
-
-def run_steps(steps: int, step, init):
-    """`lax.fori_loop(0, steps, step, init)`, unrolled when steps <= MAX_UNROLL: Triton pipelines
-    only loads that feed a tensor-core dot, so in a loop each step's weight load waits for the one
-    before; unrolled, every step's load is issued up front (a GEMV is a stream of loads)."""
-    if steps > MAX_UNROLL:
-        return lax.fori_loop(0, steps, step, init)
-    for t in range(steps):
-        init = step(t, init)
-    return init
 
 
 def to_float(q: jax.Array) -> jax.Array:

@@ -8,13 +8,13 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 
 from ferrum_jax.quant.qweight import QuantWeight
 from pallas_kernels.quant_matmul.common import (
     GemvConfig,
     group_scales,
-    run_steps,
     unpack_refs,
     weight_views,
 )
@@ -101,7 +101,7 @@ def _dp4a_kernel(*refs, f, present: tuple[bool, ...], nsb: int, steps: int, m_ro
             out.append(acc[m] + jnp.sum(jnp.sum(y, axis=2), axis=1))
         return tuple(out)
 
-    acc = run_steps(steps, step, tuple(jnp.zeros((block_n,), jnp.float32) for _ in range(m_rows)))
+    acc = lax.fori_loop(0, steps, step, tuple(jnp.zeros((block_n,), jnp.float32) for _ in range(m_rows)))
     for m in range(m_rows):
         o_ref[0, m, :] = acc[m]
 

@@ -8,13 +8,13 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 
 from ferrum_jax.quant.qweight import QuantWeight
 from pallas_kernels.quant_matmul.common import (
     GemvConfig,
     decode_tile,
-    run_steps,
     unpack_refs,
     weight_views,
 )
@@ -37,7 +37,7 @@ def _fma_kernel(*refs, f, present: tuple[bool, ...], nsb: int, steps: int, m_row
         return tuple(acc)
 
     shape = (block_n, nsb, r, b_fields, wd)
-    acc = run_steps(steps, step, tuple(jnp.zeros(shape, jnp.float32) for _ in range(m_rows)))
+    acc = lax.fori_loop(0, steps, step, tuple(jnp.zeros(shape, jnp.float32) for _ in range(m_rows)))
     for m in range(m_rows):
         o_ref[0, m, :] = jnp.sum(jnp.sum(jnp.sum(jnp.sum(acc[m], axis=4), axis=3), axis=2), axis=1)
 
