@@ -74,9 +74,10 @@ def unsupported(q, k_new, v_new, k, v, q_positions, rope: Rope | None = None, q_
     return None
 
 
-def _prologue_loads(x_ref, first, n, valid, cs_ref, w_ref, *, rope_dim):
-    """The loads of `_prologue_math`, issued together (rows first .. first + n of x_ref, their
-    rotate-half partners, the table and norm weights); rows past `valid` are masked later."""
+def _prologue(x_ref, first, n, valid, cs_ref, w_ref, *, rope_dim, eps, offset):
+    """Rows first .. first + n of x_ref (rows past `valid` read as zeros), per-head RMS-normalized
+    by w_ref (when given) and rotated by cs_ref's [cos; signed sin] (when given), rounded to x's
+    dtype after each step as `ferrum_jax.ops.prepare_qk` does -> [n, D]."""
     r = first + lax.iota(jnp.int32, n)
     inside = r < valid
     r = jnp.minimum(r, x_ref.shape[0] - 1)[:, None]  # gathers: in range, so no mask needed
@@ -84,34 +85,20 @@ def _prologue_loads(x_ref, first, n, valid, cs_ref, w_ref, *, rope_dim):
     col = lax.iota(jnp.int32, d)
     x = x_ref[r, col[None, :]]
     if cs_ref is None and w_ref is None:
-        return inside, x, None, None, None, None
-    partner = jnp.where(col < rope_dim, lax.rem(col + rope_dim // 2, rope_dim), col)  # rotate-half's source
-    xp = x_ref[r, partner[None, :]] if cs_ref is not None else None
-    w = wp = None
-    if w_ref is not None:
-        w = w_ref[...]
-        wp = w_ref[partner] if cs_ref is not None else None
-    cs = (cs_ref[0, :], cs_ref[1, :]) if cs_ref is not None else None  # cos, signed sin
-    return inside, x, xp, w, wp, cs
-
-
-def _prologue_math(loaded, *, eps, offset):
-    """The rows of `_prologue_loads`, per-head RMS-normalized (when a norm weight was loaded) and
-    rotated by [cos; signed sin] (when a table was), rounded to x's dtype after each step as
-    `ferrum_jax.ops.prepare_qk` does -> [n, D], rows past `valid` zero."""
-    inside, x, xp, w, wp, cs = loaded
-    if cs is None and w is None:
         return jnp.where(inside[:, None], x, 0)
     dt = x.dtype
+    half = rope_dim // 2
+    partner = jnp.where(col < rope_dim, lax.rem(col + half, rope_dim), col)  # rotate-half's source column
     xf = x.astype(jnp.float32)
-    xp = xp.astype(jnp.float32) if xp is not None else None
-    if w is not None:
+    xp = x_ref[r, partner[None, :]].astype(jnp.float32) if cs_ref is not None else None
+    if w_ref is not None:
         inv = lax.rsqrt(jnp.mean(xf * xf, axis=1, keepdims=True) + eps)
-        xf = (xf * inv * (offset + w.astype(jnp.float32))[None, :]).astype(dt).astype(jnp.float32)
+        xf = (xf * inv * (offset + w_ref[...].astype(jnp.float32))[None, :]).astype(dt).astype(jnp.float32)
         if xp is not None:
-            xp = (xp * inv * (offset + wp.astype(jnp.float32))[None, :]).astype(dt).astype(jnp.float32)
-    if cs is not None:
-        xf = xf * cs[0][None, :] + xp * cs[1][None, :]
+            wp = w_ref[partner].astype(jnp.float32)
+            xp = (xp * inv * (offset + wp)[None, :]).astype(dt).astype(jnp.float32)
+    if cs_ref is not None:
+        xf = xf * cs_ref[0, :][None, :] + xp * cs_ref[1, :][None, :]
     return jnp.where(inside[:, None], xf, 0.0).astype(dt)
 
 
@@ -120,45 +107,30 @@ def _append_kernel(pos_ref, qkv_ref, k_ref, v_ref, _cnt_in, *refs, scale, window
     cs_ref, refs = (refs[0], refs[1:]) if rope_dim else (None, refs)
     (qn_ref, kn_ref), refs = (refs[:2], refs[2:]) if norm else ((None, None), refs)
     o_ref, k_out, v_out, cnt_ref, *partials = refs
-    loads = partial(_prologue_loads, qkv_ref, cs_ref=cs_ref, rope_dim=rope_dim)
-    math = partial(_prologue_math, eps=norm_eps, offset=norm_offset)
+    prologue = partial(_prologue, cs_ref=cs_ref, rope_dim=rope_dim, eps=norm_eps, offset=norm_offset)
     j, split = pl.program_id(1), pl.program_id(2)
     pos = pos_ref[0]
     gp = padded_group(group)
     rows = lax.iota(jnp.int32, gp) < group
+    q = prologue(qkv_ref, j * group, gp, (j + 1) * group, w_ref=qn_ref)
     lo, hi, start, stop = visible_blocks(pos, slots, block_k, window, splits, own_slot=False)
     ragged = slots % block_k != 0
 
-    def tile(i):
+    def body(i, carry):
         off = pl.multiple_of(i * block_k, block_k)
         slot = off + lax.iota(jnp.int32, block_k)
         visible = (slot >= lo) & (slot < hi)  # V outside the visible range reads as 0: no NaN leaks
         k = masked_load(k_ref.at[pl.ds(off, block_k), :], (slot < slots)[:, None] if ragged else None)
         v = masked_load(v_ref.at[pl.ds(off, block_k), :], visible[:, None])
-        return slot, k, v
-
-    # Every load that does not depend on another goes out first, so their round trips overlap: the
-    # split's first K/V tile (an index in range even for a split without tiles), the query rows and
-    # the new token's k, v with what their norm and rope read. Only then the arithmetic.
-    slot0, k0, v0 = tile(jnp.minimum(start, jnp.maximum(stop - 1, 0)))
-    heads = kv_heads * group  # qkv rows: [q heads; k heads; v heads]
-    q_loaded = loads(j * group, gp, (j + 1) * group, w_ref=qn_ref)
-    k_loaded = loads(heads + j, 1, heads + j + 1, w_ref=kn_ref)
-    vn = qkv_ref[heads + kv_heads + j, :]
-    q = math(q_loaded)
-    init = init_state(gp, v_ref.shape[-1])
-    first = attend_tile(q, k0, v0, None, None, slot0, lo, hi, init, scale=scale, softcap=softcap)
-    state = tuple(jnp.where(start < stop, a, b) for a, b in zip(first, init))  # a split without tiles adds nothing
-
-    def body(i, carry):
-        slot, k, v = tile(i)
         return attend_tile(q, k, v, None, None, slot, lo, hi, carry, scale=scale, softcap=softcap)
 
-    acc, m, l = lax.fori_loop(start + 1, stop, body, state)
-    kn = math(k_loaded).reshape(qkv_ref.shape[1])
+    acc, m, l = lax.fori_loop(start, stop, body, init_state(gp, v_ref.shape[-1]))
 
     # The new token (visible to itself under any window), in split 0 only; dropped past the capacity.
     own = (split == 0) & (pos < slots)
+    heads = kv_heads * group  # qkv rows: [q heads; k heads; v heads]
+    kn = prologue(qkv_ref, heads + j, 1, heads + j + 1, w_ref=kn_ref).reshape(qkv_ref.shape[1])
+    vn = qkv_ref[heads + kv_heads + j, :]
     s_new = jnp.sum(q.astype(jnp.float32) * kn.astype(jnp.float32)[None, :], axis=1) * scale
     if softcap is not None:
         s_new = softcap * jnp.tanh(s_new / softcap)
