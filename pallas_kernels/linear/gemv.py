@@ -141,9 +141,7 @@ def gemv_gated(x: jax.Array, w: jax.Array, act: str, *, config: GemvConfig | Non
     if reason is not None:
         raise ValueError(f"gemv_gated: {reason}")
     n, k = w.shape
-    # block_n output rows stream 2 x block_n weight rows: by default half the plain GEMV's block_n,
-    # the same rows per program.
-    cfg = choose_config(n // 2, k, config or dataclasses.replace(GemvConfig(), block_n=GemvConfig.block_n // 2))
+    cfg = choose_config(n // 2, k, config)
     xs = x.reshape(-1, k)
     whole = lambda a: pl.BlockSpec(a.shape, lambda j, i: (0,) * a.ndim)  # noqa: E731
     params = {} if interpret else {"compiler_params": _triton_params(cfg.num_warps)}
