@@ -10,11 +10,6 @@ projections (o, down, the router) measured faster through XLA, and the vocabular
 (0.6-1 GB) stream at the copy bandwidth through XLA already (the GEMV 3-5% behind), so the kernel
 declines them, as it does prefill-sized x, quantized weights (their own kernels) and mixed dtypes.
 Not partitionable: on a mesh XLA runs the matmul.
-
-`gated_mlp` -> `pallas_gemv_gated` for a fused dense [gate; up] weight and 1..4 rows: the gated
-GEMV writes act(gate) * up straight from the weight stream, then `linear` runs the down
-projection. XLA ran the [gate; up] projection as one GEMM and the activation product as a second
-kernel (~1.3 us a layer at batch 1, H200); no size limit here (gate_up is one stream either way).
 """
 
 from __future__ import annotations
@@ -47,17 +42,5 @@ def _applies(x: Any, w: Any, bias: Any = None) -> str | None:
     return None
 
 
-def pallas_gemv_gated(x: jax.Array, w_gate: Any, w_up: Any, w_down: Any, kind: str, *, ops: Any) -> jax.Array:
-    return ops.linear(gemv.gemv_gated(x, w_gate, kind), w_down)
-
-
-def _gated_applies(x: Any, w_gate: Any, w_up: Any, w_down: Any, kind: str, *, ops: Any = None) -> str | None:
-    if w_up is not None:
-        return "separate gate and up weights (the gated GEMV reads one fused [gate; up] weight)"
-    return gemv.unsupported(x, w_gate) or gemv.gated_unsupported(w_gate, kind)
-
-
-register("gated_mlp", Impl("pallas_gemv_gated", pallas_gemv_gated, platforms=frozenset({"gpu"}),
-                           partitionable=False, applies=_gated_applies))
 register("linear", Impl("pallas_gemv", pallas_gemv, platforms=frozenset({"gpu"}), partitionable=False,
                         applies=_applies))

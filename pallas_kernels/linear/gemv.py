@@ -12,12 +12,7 @@ along the row per step. The steps are unrolled (static), so every tile's load ca
 once (Triton pipelines only loads that feed a tensor-core dot; a loop would wait on each load).
 A second row of x re-reads the weight, mostly from L2: the kernel is for rows <= MAX_ROWS.
 
-`gemv_gated` is the first half of a gated MLP at decode: the fused [gate; up] weight [2F, K] in,
-act(x gate^T) * (x up^T) [..., F] out. Program j streams gate rows j*block_n.. and the up rows F
-further down together and writes the product, so the [..., 2F] projection never reaches memory and
-no separate activation kernel runs (~1.3 us a layer on an H200 at batch 1).
-
-`reference` is `ferrum_jax.ops.linear`; `gated_reference` is the first half of `ferrum_jax.ops.gated_mlp`.
+`reference` is `ferrum_jax.ops.linear`.
 """
 
 from __future__ import annotations
@@ -83,23 +78,17 @@ def unsupported(x, w, bias=None) -> str | None:
     return None
 
 
-def _gemv_kernel(x_ref, w_ref, *rest, block_k: int, steps: int, act: str | None = None):
+def _gemv_kernel(x_ref, w_ref, *rest, block_k: int, steps: int):
     b_ref, o_ref = rest if len(rest) == 2 else (None, rest[0])
     j, i = pl.program_id(0), pl.program_id(1)
     (bn,) = o_ref.shape
     n0 = pl.multiple_of(j * bn, bn)
-    half = w_ref.shape[0] // 2  # gated: the up rows start here
-    acc = [jnp.zeros((bn,), jnp.float32) for _ in range(1 if act is None else 2)]
+    acc = jnp.zeros((bn,), jnp.float32)
     for t in range(steps):  # unrolled: all the program's weight loads in flight together
         xv = x_ref[i, pl.ds(t * block_k, block_k)].astype(jnp.float32)[None, :]
-        for a in range(len(acc)):
-            w = w_ref[pl.ds(n0 + a * half, bn), pl.ds(t * block_k, block_k)].astype(jnp.float32)
-            acc[a] = acc[a] + jnp.sum(w * xv, axis=1)
-    if act is not None:  # rounded as the reference rounds: each projection, the activation, the product
-        gate, up = (a.astype(o_ref.dtype).astype(jnp.float32) for a in acc)
-        o_ref[...] = (ref_ops.ACTIVATIONS[act](gate).astype(o_ref.dtype).astype(jnp.float32) * up).astype(o_ref.dtype)
-        return
-    y = acc[0].astype(o_ref.dtype)
+        w = w_ref[pl.ds(n0, bn), pl.ds(t * block_k, block_k)].astype(jnp.float32)
+        acc = acc + jnp.sum(w * xv, axis=1)
+    y = acc.astype(o_ref.dtype)
     if b_ref is not None:  # as the reference: the bias added in the output dtype
         y = y + b_ref[pl.ds(n0, bn)].astype(o_ref.dtype)
     o_ref[...] = y
@@ -132,47 +121,6 @@ def gemv(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *, config: G
     return y.reshape(*x.shape[:-1], n)
 
 
-@partial(jax.jit, static_argnames=("act", "config", "interpret"))
-def gemv_gated(x: jax.Array, w: jax.Array, act: str, *, config: GemvConfig | None = None,
-               interpret: bool = False) -> jax.Array:
-    """x [..., K] (at most MAX_ROWS rows), w the fused [gate; up] weight [2F, K] ->
-    act(x gate^T) * (x up^T) [..., F] in x's dtype."""
-    reason = unsupported(x, w) or gated_unsupported(w, act)
-    if reason is not None:
-        raise ValueError(f"gemv_gated: {reason}")
-    n, k = w.shape
-    cfg = choose_config(n // 2, k, config)
-    xs = x.reshape(-1, k)
-    whole = lambda a: pl.BlockSpec(a.shape, lambda j, i: (0,) * a.ndim)  # noqa: E731
-    params = {} if interpret else {"compiler_params": _triton_params(cfg.num_warps)}
-    y = pl.pallas_call(
-        partial(_gemv_kernel, block_k=cfg.block_k, steps=k // cfg.block_k, act=act),
-        grid=(n // 2 // cfg.block_n, xs.shape[0]),
-        in_specs=[whole(xs), whole(w)],
-        out_specs=pl.BlockSpec((None, cfg.block_n), lambda j, i: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((xs.shape[0], n // 2), x.dtype),
-        interpret=interpret,
-        name="gemv_gated",
-        **params,
-    )(xs, w)
-    return y.reshape(*x.shape[:-1], n // 2)
-
-
-def gated_unsupported(w, act: str) -> str | None:
-    """None if `gemv_gated` takes a fused weight `w` (once `unsupported` passes) and `act`."""
-    if act not in ref_ops.ACTIVATIONS:
-        return f"activation {act!r} (known: {', '.join(ref_ops.ACTIVATIONS)})"
-    if w.shape[0] % 16:
-        return f"fused [gate; up] weight of {w.shape[0]} rows: halves of a multiple of 8"
-    return None
-
-
-def gated_reference(x: jax.Array, w: jax.Array, act: str) -> jax.Array:
-    """The first half of `ferrum_jax.ops.gated_mlp` with a fused [gate; up] weight."""
-    gate, up = jnp.split(ref_ops.linear(x, w), 2, axis=-1)
-    return ref_ops.activation(gate, act) * up
-
-
 def _triton_params(num_warps: int):
     from jax.experimental.pallas import triton as pl_triton
     return pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
@@ -180,5 +128,4 @@ def _triton_params(num_warps: int):
 
 reference = ref_ops.linear
 
-__all__ = ["GemvConfig", "MAX_ROWS", "choose_config", "gated_reference", "gated_unsupported", "gemv", "gemv_gated",
-           "reference", "unsupported"]
+__all__ = ["GemvConfig", "MAX_ROWS", "choose_config", "gemv", "reference", "unsupported"]
