@@ -73,7 +73,8 @@ def quantize_activations(x: jax.Array, group: int) -> tuple[jax.Array, jax.Array
 def _dp4a_kernel(*refs, f, present: tuple[bool, ...], nsb: int, steps: int, m_rows: int, interpret: bool):
     """Integer variant (4- and 8-bit codes, few rows): each step quantizes its slice of x to int8 per
     group (in the kernel: no extra launches), each group's sum(q * x) is an int32 from dp4a
-    instructions (8 weights in 5 instructions for 4 bits), and scale and offset apply once per group."""
+    instructions (8 weights in 5 instructions for 4 bits), and scale and offset apply once per group;
+    the groups' results accumulate elementwise and are reduced across the block once, at the end."""
     (x_ref,), wrefs, o_ref = unpack_refs(refs, present, 1)  # x [M, K/S, R, A, 1, W] in x's dtype
     a_fields = f.split[0]
     block_n = wrefs["lo"].shape[0]
@@ -98,12 +99,13 @@ def _dp4a_kernel(*refs, f, present: tuple[bool, ...], nsb: int, steps: int, m_ro
             y = s * (p * d[None])
             if o is not None:
                 y = y - o * xsum[None]
-            out.append(acc[m] + jnp.sum(jnp.sum(y, axis=2), axis=1))
+            out.append(acc[m] + y)  # per group: the reduction across threads waits for the end
         return tuple(out)
 
-    acc = lax.fori_loop(0, steps, step, tuple(jnp.zeros((block_n,), jnp.float32) for _ in range(m_rows)))
+    shape = (block_n, nsb, wrefs["sc"].shape[2])
+    acc = lax.fori_loop(0, steps, step, tuple(jnp.zeros(shape, jnp.float32) for _ in range(m_rows)))
     for m in range(m_rows):
-        o_ref[0, m, :] = acc[m]
+        o_ref[0, m, :] = jnp.sum(jnp.sum(acc[m], axis=2), axis=1)
 
 
 def dp4a_call(x2: jax.Array, w: QuantWeight, config: GemvConfig, params: dict, interpret: bool) -> jax.Array:
