@@ -160,3 +160,16 @@ def test_pallas_dequantize_gguf(ggml_type):
 def test_pallas_dequantize_gptq_act_order():
     w, want = _gptq(np.random.default_rng(7), 4, 72, 384, 32, perm=True)
     np.testing.assert_allclose(np.asarray(qm.dequantize(w, jnp.float32, interpret=INTERPRET)), want, rtol=1e-6, atol=1e-7)
+
+
+def test_pallas_dequantize_lowers_for_cuda_with_a_group_count_not_a_power_of_two():
+    """12 groups of 32 inputs: the kernel's tile takes a power-of-two number of them (Triton's
+    lowering rejects other tile sizes; interpret mode does not notice)."""
+    from test_decode_attention import _can_lower_for_cuda
+
+    reason = _can_lower_for_cuda()
+    if reason is not None:
+        pytest.skip(reason)
+    w, _ = _gptq(np.random.default_rng(7), 4, 72, 384, 32, perm=False)
+    lowered = jax.jit(lambda w: qm.dequantize(w, jnp.bfloat16)).trace(w).lower(lowering_platforms=("cuda",))
+    assert "triton" in lowered.as_text()[:200000]

@@ -37,7 +37,7 @@ def dequantize(w: QuantWeight, dtype=jnp.bfloat16, *, block_n: int = 32, block_k
     a_fields, b_fields, wd = f.split
     sup = f.super_group or f.group
     r, nsup = sup // f.group, k // sup
-    nsb = max(1, min(block_k // sup, nsup))
+    nsb = 1 << (max(1, min(block_k // sup, nsup)).bit_length() - 1)  # a power of two (Triton's tiles)
     while nsup % nsb:
         nsb //= 2
     views, present = weight_views(w)
