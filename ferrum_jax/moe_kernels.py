@@ -10,6 +10,10 @@ moe_experts, tried in this order:
                         hidden and ff: routing alignment in jnp, then one grouped Pallas matmul per
                         projection over (blocks of one expert's entries, output tiles), see
                         pallas_kernels/moe/.
+  pallas_decode_quant   GPU; decode-sized batches of quantized `QuantWeight` expert stacks (the
+                        formats of pallas_grouped_quant below): the same GEMV grid, each program
+                        decoding its rows straight from the packed stack, integer dots for 4-/8-bit
+                        codes, exact float math for 5-/6-bit (pallas_kernels/moe/decode_quant.py).
   pallas_grouped_quant  GPU; quantized `QuantWeight` expert stacks: GGUF stacks of a type with a
                         kernel layout (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K, repacked at load)
                         and GPTQ / AWQ experts (stacked at load); gate, up and down may differ in
@@ -37,6 +41,7 @@ from ferrum_jax.quant.qweight import QuantWeight
 from pallas_kernels import moe
 from pallas_kernels.moe import decode as moe_decode
 from pallas_kernels.moe import grouped_quant
+from pallas_kernels.moe import decode_quant
 from pallas_kernels.moe import route as moe_route
 
 
@@ -78,6 +83,18 @@ def pallas_route(x: jax.Array, router: Any, *, top_k: int, norm_topk_prob: bool,
     return moe_route.route_topk(ops.linear(x, router), top_k=top_k, norm_topk_prob=norm_topk_prob)
 
 
+def _decode_quant_applies(x: Any, ids: Any, weights: Any, w_gate: Any, w_up: Any, w_down: Any, kind: str, *,
+                          expert_offset: Any = 0, ops: Any = None) -> str | None:
+    return decode_quant.unsupported(x, ids, weights, w_gate, w_up, w_down, kind)
+
+
+def decode_quant_experts(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate: QuantWeight,
+                         w_up: QuantWeight | None, w_down: QuantWeight, kind: str, *,
+                         expert_offset: int | jax.Array = 0, ops: Any = None) -> jax.Array:
+    return decode_quant.moe_experts_decode_quant(x, ids, weights, w_gate, w_up, w_down, kind,
+                                                 expert_offset=expert_offset)
+
+
 def _grouped_quant_applies(x: Any, ids: Any, weights: Any, w_gate: Any, w_up: Any, w_down: Any, kind: str, *,
                            expert_offset: Any = 0, ops: Any = None) -> str | None:
     return grouped_quant.unsupported(x, ids, weights, w_gate, w_up, w_down, kind)
@@ -95,5 +112,7 @@ register("moe_experts", Impl("pallas_decode", decode_experts, platforms=frozense
                              applies=_decode_applies))
 register("moe_experts", Impl("pallas_grouped", grouped_experts, platforms=frozenset({"gpu"}), partitionable=False,
                              applies=_grouped_applies))
+register("moe_experts", Impl("pallas_decode_quant", decode_quant_experts, platforms=frozenset({"gpu"}),
+                             partitionable=False, applies=_decode_quant_applies))
 register("moe_experts", Impl("pallas_grouped_quant", grouped_quant_experts, platforms=frozenset({"gpu"}),
                              partitionable=False, applies=_grouped_quant_applies))

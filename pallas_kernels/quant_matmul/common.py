@@ -117,18 +117,19 @@ def unpack_refs(refs, present: tuple[bool, ...], n_in: int):
     return head, wrefs, next(it)
 
 
-def decode_tile(f, wrefs: dict, blk) -> list[jax.Array]:
+def decode_tile(f, wrefs: dict, blk, rows: tuple = (slice(None),)) -> list[jax.Array]:
     """The weights of super-rows `blk` of a row block, one float32 [BN, nsb, R, B, W] per field a
     (refs in the layout's own shape: lo [BN, K/S, R, B, W], hi [BN, K/S, R, 1, W], scales and
-    offsets [BN, K/S, R], super-block values [BN, K/S]); each scale and offset is loaded once per
-    group and broadcast: no gathers, no reshapes."""
+    offsets [BN, K/S, R], super-block values [BN, K/S]; `rows` indexes the block's rows within the
+    refs: all of them, or e.g. (expert, pl.ds(n0, BN)) in an expert stack); each scale and offset
+    is loaded once per group and broadcast: no gathers, no reshapes."""
     a_fields, b_fields, _ = f.split
     hb = f.bits - 4
-    s, o = group_scales(f, wrefs, blk)
+    s, o = group_scales(f, wrefs, blk, rows)
     s = s[:, :, :, None, None]
     o = None if o is None else o[:, :, :, None, None]
-    lo = wrefs["lo"][:, blk, :, :, :].astype(jnp.int32)  # [BN, nsb, R, B, W]
-    h = wrefs["hi"][:, blk, :, :, :].astype(jnp.int32) if "hi" in wrefs else None
+    lo = wrefs["lo"][(*rows, blk, slice(None), slice(None), slice(None))].astype(jnp.int32)  # [BN, nsb, R, B, W]
+    h = wrefs["hi"][(*rows, blk, slice(None), slice(None), slice(None))].astype(jnp.int32) if "hi" in wrefs else None
     field = jnp.arange(b_fields, dtype=jnp.int32)[None, None, None, :, None]
     out = []
     for a in range(a_fields):
@@ -143,20 +144,23 @@ def decode_tile(f, wrefs: dict, blk) -> list[jax.Array]:
     return out
 
 
-def group_scales(f, wrefs: dict, blk) -> tuple[jax.Array, jax.Array | None]:
-    """(s, o) of every group of super-rows `blk`: float32 [BN, nsb, R] each (o None for "none")."""
-    s = wrefs["sc"][:, blk, :].astype(jnp.float32)  # [BN, nsb, R]
+def group_scales(f, wrefs: dict, blk, rows: tuple = (slice(None),)) -> tuple[jax.Array, jax.Array | None]:
+    """(s, o) of every group of super-rows `blk`: float32 [BN, nsb, R] each (o None for "none");
+    `rows` as in `decode_tile`."""
+    grp = (*rows, blk, slice(None))  # [BN, nsb, R] of a per-group leaf
+    sup = (*rows, blk)  # [BN, nsb] of a per-super-block leaf
+    s = wrefs["sc"][grp].astype(jnp.float32)
     if "ss" in wrefs:
-        s = s * wrefs["ss"][:, blk].astype(jnp.float32)[:, :, None]
+        s = s * wrefs["ss"][sup].astype(jnp.float32)[:, :, None]
     o = None
     if f.offset == "const":
         o = f.const * s
     elif f.offset == "zero":
-        o = wrefs["of"][:, blk, :].astype(jnp.float32) * s
+        o = wrefs["of"][grp].astype(jnp.float32) * s
     elif f.offset == "min":
-        o = -wrefs["of"][:, blk, :].astype(jnp.float32)
+        o = -wrefs["of"][grp].astype(jnp.float32)
     elif f.offset == "kmin":
-        o = wrefs["so"][:, blk].astype(jnp.float32)[:, :, None] * wrefs["of"][:, blk, :].astype(jnp.float32)
+        o = wrefs["so"][sup].astype(jnp.float32)[:, :, None] * wrefs["of"][grp].astype(jnp.float32)
     return s, o
 
 

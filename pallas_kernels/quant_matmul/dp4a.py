@@ -70,23 +70,26 @@ def quantize_activations(x: jax.Array, group: int) -> tuple[jax.Array, jax.Array
     return xq.reshape(m, k), d, jnp.sum(xg, axis=2)
 
 
-def _dp4a_kernel(*refs, f, present: tuple[bool, ...], nsb: int, steps: int, m_rows: int, interpret: bool):
-    """Integer variant (4- and 8-bit codes, few rows): each step quantizes its slice of x to int8 per
-    group (in the kernel: no extra launches), each group's sum(q * x) is an int32 from dp4a
-    instructions (8 weights in 5 instructions for 4 bits), and scale and offset apply once per group;
-    the groups' results accumulate elementwise and are reduced across the block once, at the end."""
-    (x_ref,), wrefs, o_ref = unpack_refs(refs, present, 1)  # x [M, K/S, R, A, 1, W] in x's dtype
+def dp4a_rows(x_ref, wrefs: dict, f, *, nsb: int, steps: int, base, m_rows: int, interpret: bool,
+              rows: tuple = (slice(None),), block_n: int | None = None, x_row=0) -> list[jax.Array]:
+    """float32 [BN] per row m < m_rows of x_ref: x[m] @ W^T over super-rows [base, base + steps * nsb)
+    of the weight views `wrefs` (a block of BN rows, the layout's own shape; see `weight_views`).
+    Each step quantizes its slice of x to int8 per group (in the kernel: no extra launches), each
+    group's sum(q * x) is an int32 from dp4a instructions (8 weights in 5 instructions for 4 bits),
+    scale and offset apply once per group; the groups' results accumulate elementwise and are
+    reduced across the block once, at the end. x_ref [M, K/S, R, A, 1, W] in x's dtype, rows
+    x_row + m; `rows` and `block_n` pick the weight rows as in `common.decode_tile` (default: the
+    whole first axis of the refs)."""
     a_fields = f.split[0]
-    block_n = wrefs["lo"].shape[0]
-    base = pl.program_id(2) * steps * nsb
+    block_n = block_n or wrefs["lo"].shape[0]
 
     def step(t, acc):
         blk = pl.ds(pl.multiple_of(base + t * nsb, nsb), nsb)
-        s, o = group_scales(f, wrefs, blk)  # [BN, nsb, R]
-        codes = wrefs["lo"][:, blk, :, 0, :]  # [BN, nsb, R, W]
+        s, o = group_scales(f, wrefs, blk, rows)  # [BN, nsb, R]
+        codes = wrefs["lo"][(*rows, blk, slice(None), 0, slice(None))]  # [BN, nsb, R, W]
         out = []
         for m in range(m_rows):
-            xa = [x_ref[m, blk, :, a, 0, :].astype(jnp.float32) for a in range(a_fields)]  # [nsb, R, W]
+            xa = [x_ref[x_row + m, blk, :, a, 0, :].astype(jnp.float32) for a in range(a_fields)]  # [nsb, R, W]
             amax = jnp.max(jnp.abs(xa[0]), axis=2)
             xsum = jnp.sum(xa[0], axis=2)
             for v in xa[1:]:
@@ -102,10 +105,17 @@ def _dp4a_kernel(*refs, f, present: tuple[bool, ...], nsb: int, steps: int, m_ro
             out.append(acc[m] + y)  # per group: the reduction across threads waits for the end
         return tuple(out)
 
-    shape = (block_n, nsb, wrefs["sc"].shape[2])
+    shape = (block_n, nsb, wrefs["sc"].shape[-1])
     acc = lax.fori_loop(0, steps, step, tuple(jnp.zeros(shape, jnp.float32) for _ in range(m_rows)))
+    return [jnp.sum(jnp.sum(a, axis=2), axis=1) for a in acc]
+
+
+def _dp4a_kernel(*refs, f, present: tuple[bool, ...], nsb: int, steps: int, m_rows: int, interpret: bool):
+    (x_ref,), wrefs, o_ref = unpack_refs(refs, present, 1)
+    rows = dp4a_rows(x_ref, wrefs, f, nsb=nsb, steps=steps, base=pl.program_id(2) * steps * nsb, m_rows=m_rows,
+                     interpret=interpret)
     for m in range(m_rows):
-        o_ref[0, m, :] = jnp.sum(jnp.sum(acc[m], axis=2), axis=1)
+        o_ref[0, m, :] = rows[m]
 
 
 def dp4a_call(x2: jax.Array, w: QuantWeight, config: GemvConfig, params: dict, interpret: bool) -> jax.Array:

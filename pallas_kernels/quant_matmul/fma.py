@@ -20,26 +20,33 @@ from pallas_kernels.quant_matmul.common import (
 )
 
 
-def _fma_kernel(*refs, f, present: tuple[bool, ...], nsb: int, steps: int, m_rows: int):
-    """Elementwise variant: products with x accumulate elementwise across the loop and are reduced
-    once at the end."""
-    (x_ref,), wrefs, o_ref = unpack_refs(refs, present, 1)  # x [M, K/S, R, A, B, W]
+def fma_rows(x_ref, wrefs: dict, f, *, nsb: int, steps: int, base, m_rows: int, rows: tuple = (slice(None),),
+             block_n: int | None = None, x_row=0) -> list[jax.Array]:
+    """float32 [BN] per row m < m_rows of x_ref: x[m] @ W^T over super-rows [base, base + steps * nsb)
+    of the weight views `wrefs` (a block of BN rows in the layout's own shape): products with x
+    accumulate elementwise across the loop and are reduced once at the end. x_ref
+    [M, K/S, R, A, B, W] float32, rows x_row + m; `rows` and `block_n` as in `dp4a.dp4a_rows`."""
     _, b_fields, wd = f.split
-    block_n, r = wrefs["lo"].shape[0], wrefs["lo"].shape[2]
-    base = pl.program_id(2) * steps * nsb
+    block_n, r = block_n or wrefs["lo"].shape[0], wrefs["lo"].shape[-3]
 
     def step(t, acc):
         blk = pl.ds(pl.multiple_of(base + t * nsb, nsb), nsb)
         acc = list(acc)
-        for a, w in enumerate(decode_tile(f, wrefs, blk)):
+        for a, w in enumerate(decode_tile(f, wrefs, blk, rows)):
             for m in range(m_rows):
-                acc[m] = acc[m] + w * x_ref[m, blk, :, a, :, :].astype(jnp.float32)[None]
+                acc[m] = acc[m] + w * x_ref[x_row + m, blk, :, a, :, :].astype(jnp.float32)[None]
         return tuple(acc)
 
     shape = (block_n, nsb, r, b_fields, wd)
     acc = lax.fori_loop(0, steps, step, tuple(jnp.zeros(shape, jnp.float32) for _ in range(m_rows)))
+    return [jnp.sum(jnp.sum(jnp.sum(jnp.sum(a, axis=4), axis=3), axis=2), axis=1) for a in acc]
+
+
+def _fma_kernel(*refs, f, present: tuple[bool, ...], nsb: int, steps: int, m_rows: int):
+    (x_ref,), wrefs, o_ref = unpack_refs(refs, present, 1)
+    rows = fma_rows(x_ref, wrefs, f, nsb=nsb, steps=steps, base=pl.program_id(2) * steps * nsb, m_rows=m_rows)
     for m in range(m_rows):
-        o_ref[0, m, :] = jnp.sum(jnp.sum(jnp.sum(jnp.sum(acc[m], axis=4), axis=3), axis=2), axis=1)
+        o_ref[0, m, :] = rows[m]
 
 
 def fma_call(x2: jax.Array, w: QuantWeight, config: GemvConfig, params: dict, interpret: bool) -> jax.Array:
