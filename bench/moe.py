@@ -58,6 +58,7 @@ from ferrum_jax.quant.qweight import GGUF_FORMATS, QuantWeight, gptq_format  # n
 from ferrum_jax.quant.repack import repack_gguf  # noqa: E402
 from pallas_kernels import moe  # noqa: E402
 from pallas_kernels.moe import decode as moe_decode  # noqa: E402
+from pallas_kernels.moe import decode_quant  # noqa: E402
 from pallas_kernels.moe import grouped_quant as gq  # noqa: E402
 
 QWEN3_30B = dict(experts=128, top_k=8, hidden=2048, ff=768)
@@ -186,6 +187,12 @@ def grouped_quant_moe(x, ids, w, g, u, d):
     return gq.moe_experts_quant(x, ids, w, g, u, d, "silu", interpret=jax.default_backend() != "gpu")
 
 
+def decode_quant_moe(x, ids, w, g, u, d, config=None):
+    """The quantized decode GEMV kernels (pallas_kernels/moe/decode_quant.py), T*k <= E/4 only."""
+    return decode_quant.moe_experts_decode_quant(x, ids, w, g, u, d, "silu", config=config,
+                                                 interpret=jax.default_backend() != "gpu")
+
+
 def xla_dequant_moe(x, ids, w, g, u, d):
     """The "xla_dequant" reference op (ferrum_jax.moe_ops), as the model runs packed stacks without the kernels."""
     return moe_ops.moe_experts_packed(x, ids, w, g, u, d, "silu", ops=fj.Ops())
@@ -234,9 +241,15 @@ def quant_decode(args, shape: dict, dtype, key, stacks, dense, bandwidth: float)
         x = jax.random.normal(jax.random.fold_in(key, t), (t, h), jnp.float32).astype(dtype)
         distinct = float(np.mean([len(np.unique(np.asarray(i))) for i in ids]))
         row = dict(tokens=t, iters=args.decode_iters, distinct_experts=distinct)
-        for name, fn, ws, per_expert in (("grouped_quant", grouped_quant_moe, stacks, packed_expert),
-                                         ("xla_dequant", xla_dequant_moe, stacks, packed_expert),
-                                         ("grouped_dense", grouped_moe, dense, dense_expert)):
+        paths = [("grouped_quant", grouped_quant_moe, stacks, packed_expert),
+                 ("xla_dequant", xla_dequant_moe, stacks, packed_expert),
+                 ("grouped_dense", grouped_moe, dense, dense_expert)]
+        if decode_quant.unsupported(x, ids[0], w[0], *stacks, "silu") is None:
+            paths.insert(0, ("decode_quant", decode_quant_moe, stacks, packed_expert))
+            want = np.asarray(jax.jit(xla_dequant_moe)(x, ids[0], w[0], *stacks), np.float64)
+            got = np.asarray(jax.jit(decode_quant_moe)(x, ids[0], w[0], *stacks), np.float64)
+            row["decode_quant_rel_err_vs_xla_dequant"] = rel_err(got, want)
+        for name, fn, ws, per_expert in paths:
             active = distinct * per_expert
             s = layer_seconds(fn, x, ids, w, ws, args.reps)
             row[name] = dict(seconds=s, active_weight_bytes=active, bytes_per_s=active / s,
@@ -244,7 +257,7 @@ def quant_decode(args, shape: dict, dtype, key, stacks, dense, bandwidth: float)
         rows.append(row)
         print(f"decode T={t:3d} ({distinct:5.1f} experts, {distinct * packed_expert / 1e6:7.1f} MB packed) "
               + " | ".join(f"{n} {row[n]['seconds'] * 1e6:8.1f} us {row[n]['bw_fraction']:6.1%} BW"
-                           for n in ("grouped_quant", "xla_dequant", "grouped_dense")), flush=True)
+                           for n, *_ in paths), flush=True)
     return rows
 
 
@@ -386,24 +399,31 @@ def sweep_decode(args, shape: dict, dtype, key) -> list[dict]:
     layers (x <- x + moe(x), a distinct routing each), median of --reps; the fixed part (the other
     kernel, the add, launch gaps) is the same for every point of a phase."""
     e, k, h, f = shape["experts"], shape["top_k"], shape["hidden"], shape["ff"]
-    wg, wu, wd = stacks(jax.random.fold_in(key, 9), e, h, f, dtype)
+    if args.format:  # the quantized decode kernels (decode_quant.py) over packed stacks of that format
+        wg, wu, wd = quant_stacks(args.format, shape, dtype, jax.random.fold_in(key, 9))
+        kernels, run = decode_quant, decode_quant_moe
+        choose = lambda cfg=None: cfg or decode_quant.QuantDecodeConfig()  # noqa: E731
+    else:
+        wg, wu, wd = stacks(jax.random.fold_in(key, 9), e, h, f, dtype)
+        kernels, run = moe_decode, decode_moe
+        choose = partial(moe_decode.choose_config, h, f)
     deadline = time.perf_counter() + args.time_budget
     rows = []
     for t in args.decode_tokens:
         ids, w = routes(jax.random.fold_in(key, 3000 + t), args.decode_iters, t, e, k)
         x = jax.random.normal(jax.random.fold_in(key, t), (t, h), jnp.float32).astype(dtype)
-        if moe_decode.unsupported(x, ids[0], w[0], wg, wu, wd, "silu") is not None:
+        if kernels.unsupported(x, ids[0], w[0], wg, wu, wd, "silu") is not None:
             continue
 
-        def layer_us(cfg: moe_decode.DecodeConfig) -> float:
-            return layer_seconds(partial(decode_moe, config=cfg), x, ids, w, (wg, wu, wd), args.reps) * 1e6
+        def layer_us(cfg) -> float:
+            return layer_seconds(partial(run, config=cfg), x, ids, w, (wg, wu, wd), args.reps) * 1e6
 
-        best = moe_decode.choose_config(h, f)
+        best = choose()
         for phase in ("gate_up", "down"):
             points = []
             for bn, bk, nw, ns in itertools.product(args.block_n, args.block_k, args.warps, args.stages):
                 tiles = moe_decode.GemvTiles(bn, bk, nw, ns)
-                cfg = moe_decode.choose_config(h, f, dataclasses.replace(best, **{phase: tiles}))
+                cfg = choose(dataclasses.replace(best, **{phase: tiles}))
                 if getattr(cfg, phase) in [getattr(p[1], phase) for p in points] or time.perf_counter() > deadline:
                     continue  # cut to the same tiles as an earlier point, or out of time
                 try:
@@ -419,7 +439,7 @@ def sweep_decode(args, shape: dict, dtype, key) -> list[dict]:
                 us, best = min(points, key=lambda p: p[0])
                 print(f"BEST T={t} {phase} {getattr(best, phase)} {us:.1f} us/layer", flush=True)
         if args.out:
-            _write(args, "sweep-decode", {"shape": shape, "points": rows})
+            _write(args, f"sweep-decode-{args.format}" if args.format else "sweep-decode", {"shape": shape, "points": rows})
     return rows
 
 
