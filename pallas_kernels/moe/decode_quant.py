@@ -46,7 +46,9 @@ from pallas_kernels.quant_matmul.fma import fma_rows
 class QuantDecodeConfig:
     """Tiles of the two kernels: block_n output rows per program; block_k inputs per loop step
     (cut to a power-of-two number of the format's super-blocks dividing the inputs)."""
-    gate_up: GemvTiles = GemvTiles(16, 1024, 4, 1)
+    # H200 sweep at Qwen3-30B-A3B's shapes, Q4_K, batch 1 (bench/results/moe_sweep-decode-Q4_K_*):
+    # gate_up 22.9 us a layer at these tiles, 25.3 at (16, 1024); down within 0.5 us of its best.
+    gate_up: GemvTiles = GemvTiles(8, 2048, 4, 1)
     down: GemvTiles = GemvTiles(16, 1024, 4, 1)
 
 
