@@ -62,11 +62,14 @@ def qmatmul(x: jax.Array, w: QuantWeight, *, config: GemvConfig = GemvConfig(), 
     if w.perm is not None:
         x2 = jnp.take(x2, w.perm, axis=1)
     params = triton_params(config.num_warps, config.num_stages, interpret)
+    # One slice of the inputs: the kernel writes x's dtype itself (no separate convert kernel);
+    # split-K partials stay float32 until XLA's sum.
+    out_dtype = x.dtype if config.split_k == 1 else jnp.float32
     if config.variant == "dot":
         dot_dtype = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
-        partials = dot_call(x2, w, config, params, interpret, dot_dtype)
+        partials = dot_call(x2, w, config, params, interpret, dot_dtype, out_dtype)
     else:
         call = fma_call if config.variant == "fma" else dp4a_call
-        partials = call(x2, w, config, params, interpret)
-    y = jnp.sum(partials, axis=0)[:m_rows, :n]
+        partials = call(x2, w, config, params, interpret, out_dtype)
+    y = (partials[0] if config.split_k == 1 else jnp.sum(partials, axis=0))[:m_rows, :n]
     return y.reshape(*lead, n).astype(x.dtype)

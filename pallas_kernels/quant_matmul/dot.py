@@ -66,12 +66,12 @@ def _dot_kernel(*refs, f, present: tuple[bool, ...], half: int, steps: int, dot_
                 precision=lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None)
         return acc
 
-    o_ref[0] = lax.fori_loop(0, steps, step, jnp.zeros((block_m, block_n), jnp.float32))
+    o_ref[0] = lax.fori_loop(0, steps, step, jnp.zeros((block_m, block_n), jnp.float32)).astype(o_ref.dtype)
 
 
 def dot_call(x2: jax.Array, w: QuantWeight, config: GemvConfig, params: dict, interpret: bool,
-             dot_dtype) -> jax.Array:
-    """float32 [split_k, rows padded to block_m, N_pad] partial sums of x2 [M, K] @ W^T."""
+             dot_dtype, out_dtype=jnp.float32) -> jax.Array:
+    """[split_k, rows padded to block_m, N_pad] partial sums of x2 [M, K] @ W^T in `out_dtype`."""
     f = w.fmt
     n_pad, k = w.lo.shape[0], w.shape[1]
     m_rows = x2.shape[0]
@@ -92,7 +92,7 @@ def dot_call(x2: jax.Array, w: QuantWeight, config: GemvConfig, params: dict, in
     in_specs += [pl.BlockSpec((bn, leaf.shape[1]), lambda i, j, s: (i, 0)) for leaf in leaves]
     return pl.pallas_call(
         partial(_dot_kernel, f=f, present=present, half=half, steps=steps, dot_dtype=dot_dtype),
-        out_shape=jax.ShapeDtypeStruct((config.split_k, m_pad, n_pad), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((config.split_k, m_pad, n_pad), out_dtype),
         grid=(n_pad // bn, m_pad // bm, config.split_k),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((1, bm, bn), lambda i, j, s: (s, j, i)),

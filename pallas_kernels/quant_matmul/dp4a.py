@@ -115,10 +115,11 @@ def _dp4a_kernel(*refs, f, present: tuple[bool, ...], nsb: int, steps: int, m_ro
     rows = dp4a_rows(x_ref, wrefs, f, nsb=nsb, steps=steps, base=pl.program_id(2) * steps * nsb, m_rows=m_rows,
                      interpret=interpret)
     for m in range(m_rows):
-        o_ref[0, m, :] = rows[m]
+        o_ref[0, m, :] = rows[m].astype(o_ref.dtype)
 
 
-def dp4a_call(x2: jax.Array, w: QuantWeight, config: GemvConfig, params: dict, interpret: bool) -> jax.Array:
+def dp4a_call(x2: jax.Array, w: QuantWeight, config: GemvConfig, params: dict, interpret: bool,
+              out_dtype=jnp.float32) -> jax.Array:
     f = w.fmt
     n_pad, k = w.lo.shape[0], w.shape[1]
     m_rows = x2.shape[0]
@@ -135,7 +136,7 @@ def dp4a_call(x2: jax.Array, w: QuantWeight, config: GemvConfig, params: dict, i
     in_specs += [pl.BlockSpec((bn, *v.shape[1:]), lambda i, j, s, nd=v.ndim: (i,) + zeros(nd - 1)) for v in views[1:]]
     return pl.pallas_call(
         partial(_dp4a_kernel, f=f, present=present, nsb=nsb, steps=steps, m_rows=m_rows, interpret=interpret),
-        out_shape=jax.ShapeDtypeStruct((config.split_k, m_rows, n_pad), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((config.split_k, m_rows, n_pad), out_dtype),
         grid=(n_pad // bn, 1, config.split_k),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((1, m_rows, bn), lambda i, j, s: (s, 0, i)),
