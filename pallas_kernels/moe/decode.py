@@ -219,6 +219,14 @@ def moe_experts_decode(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate:
 @partial(jax.jit, static_argnames=("kind", "config", "interpret"))
 def _run(x, ids, weights, w_gate, w_up, w_down, expert_offset, *, kind: str, config: DecodeConfig,
          interpret: bool) -> jax.Array:
+    return entries_moe(gate_up, down, x, ids, weights, w_gate, w_up, w_down, expert_offset, kind=kind, config=config,
+                       interpret=interpret)
+
+
+def entries_moe(gate_up, down, x, ids, weights, w_gate, w_up, w_down, expert_offset, *, kind: str, config,
+                interpret: bool) -> jax.Array:
+    """The decode kernels' flow (also decode_quant.py's): `gate_up` over the flat (token, slot)
+    entries, `down` scaled by each entry's routing weight, XLA's sum over each token's k rows."""
     k, h = ids.shape[-1], x.shape[-1]
     xs = x.reshape(-1, h)
     flat_ids = ids.reshape(-1).astype(jnp.int32)
@@ -229,4 +237,5 @@ def _run(x, ids, weights, w_gate, w_up, w_down, expert_offset, *, kind: str, con
     return jnp.sum(y.reshape(-1, k, h), axis=1).astype(x.dtype).reshape(x.shape)
 
 
-__all__ = ["DecodeConfig", "GemvTiles", "choose_config", "down", "gate_up", "moe_experts_decode", "unsupported"]
+__all__ = ["DecodeConfig", "GemvTiles", "choose_config", "down", "entries_moe", "gate_up", "moe_experts_decode",
+           "unsupported"]

@@ -35,9 +35,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ferrum_jax.quant.qweight import QFormat, QuantWeight
-from pallas_kernels.moe.decode import GemvTiles
+from pallas_kernels.moe.decode import GemvTiles, _params, _whole, entries_moe
 from pallas_kernels.moe.grouped_matmul import KERNEL_ACTIVATIONS
-from pallas_kernels.moe.grouped_quant import DTYPES, _shapes, _stack_unsupported
+from pallas_kernels.moe.grouped_quant import operands_unsupported
 from pallas_kernels.quant_matmul.dp4a import dp4a_rows
 from pallas_kernels.quant_matmul.fma import fma_rows
 
@@ -60,25 +60,10 @@ def variant(f: QFormat) -> str:
 def unsupported(x: Any, ids: Any, weights: Any, w_gate: Any, w_up: Any, w_down: Any, kind: str,
                 config: QuantDecodeConfig | None = None) -> str | None:
     """None if `moe_experts_decode_quant` takes these arguments, else why not."""
-    named = [("gate", w_gate), ("down", w_down)] + ([] if w_up is None else [("up", w_up)])
-    for name, w in named:
-        reason = _stack_unsupported(name, w)
-        if reason is not None:
-            return reason
-    if kind not in KERNEL_ACTIVATIONS:
-        return f"activation {kind!r} not in the kernel epilogue's {sorted(KERNEL_ACTIVATIONS)}"
-    if x.dtype not in DTYPES:
-        return f"x is {x.dtype}, not bfloat16/float16/float32"
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-        return f"ids are {ids.dtype}, not integers"
-    if weights.shape != ids.shape:
-        return f"routing weights {weights.shape} and ids {ids.shape} differ"
-    shapes = _shapes(x, ids, w_gate, w_up, w_down)
+    shapes = operands_unsupported(x, ids, weights, w_gate, w_up, w_down, kind)
     if isinstance(shapes, str):
         return shapes
     nk, e, h, f = shapes
-    if nk == 0:
-        return "no tokens"
     if nk * 4 > e:
         return f"{nk} (token, slot) entries > E/4 = {e / 4:g}: not decode-sized (the grouped kernels take it)"
     cfg = config or QuantDecodeConfig()
@@ -170,17 +155,6 @@ def _down_kernel(ids_ref, rw_ref, off_ref, *refs, names, static, experts: int, i
         o_ref[...] = jnp.zeros((bn,), o_ref.dtype)
 
 
-def _params(tiles: GemvTiles, interpret: bool) -> dict:
-    if interpret:
-        return {}
-    from jax.experimental.pallas import triton as pl_triton
-    return {"compiler_params": pl_triton.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)}
-
-
-def _whole(a: jax.Array) -> pl.BlockSpec:
-    return pl.BlockSpec(a.shape, lambda j, i: (0,) * a.ndim)
-
-
 def gate_up(x: jax.Array, ids: jax.Array, expert_offset: jax.Array, w_gate: QuantWeight, w_up: QuantWeight | None,
             kind: str, *, top_k: int, tiles: GemvTiles, interpret: bool = False) -> jax.Array:
     """act [T*k, F] in x's dtype: act_fn(x_t gate_e^T) * (x_t up_e^T) for each entry (t, slot) of
@@ -246,14 +220,8 @@ def moe_experts_decode_quant(x: jax.Array, ids: jax.Array, weights: jax.Array, w
 @partial(jax.jit, static_argnames=("kind", "config", "interpret"))
 def _run(x, ids, weights, w_gate, w_up, w_down, expert_offset, *, kind: str, config: QuantDecodeConfig,
          interpret: bool) -> jax.Array:
-    k, h = ids.shape[-1], x.shape[-1]
-    xs = x.reshape(-1, h)
-    flat_ids = ids.reshape(-1).astype(jnp.int32)
-    act = gate_up(xs, flat_ids, expert_offset, w_gate, w_up, kind, top_k=k, tiles=config.gate_up,
-                  interpret=interpret)
-    y = down(act, flat_ids, weights.reshape(-1).astype(jnp.float32), expert_offset, w_down, tiles=config.down,
-             interpret=interpret)
-    return jnp.sum(y.reshape(-1, k, h), axis=1).astype(x.dtype).reshape(x.shape)
+    return entries_moe(gate_up, down, x, ids, weights, w_gate, w_up, w_down, expert_offset, kind=kind, config=config,
+                       interpret=interpret)
 
 
 __all__ = ["QuantDecodeConfig", "down", "gate_up", "moe_experts_decode_quant", "unsupported", "variant"]

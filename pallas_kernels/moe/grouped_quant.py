@@ -150,9 +150,10 @@ def _shapes(x, ids, w_gate, w_up, w_down) -> tuple[int, int, int, int] | str:
     return math.prod(ids.shape), e, h, f
 
 
-def unsupported(x: Any, ids: Any, weights: Any, w_gate: Any, w_up: Any, w_down: Any, kind: str,
-                config: QuantMoeConfig | None = None) -> str | None:
-    """None if the quantized grouped kernels take these arguments, else why not."""
+def operands_unsupported(x: Any, ids: Any, weights: Any, w_gate: Any, w_up: Any, w_down: Any,
+                         kind: str) -> str | tuple[int, int, int, int]:
+    """Why these stacks, routing and activation cannot go to a quantized MoE kernel (a string), else
+    (entries, experts, hidden, ff). The tiles are each kernel's own check."""
     named = [("gate", w_gate), ("down", w_down)] + ([] if w_up is None else [("up", w_up)])
     for name, w in named:
         reason = _stack_unsupported(name, w)
@@ -169,9 +170,18 @@ def unsupported(x: Any, ids: Any, weights: Any, w_gate: Any, w_up: Any, w_down: 
     shapes = _shapes(x, ids, w_gate, w_up, w_down)
     if isinstance(shapes, str):
         return shapes
-    nk, e, h, f = shapes
-    if nk == 0:
+    if shapes[0] == 0:
         return "no tokens"
+    return shapes
+
+
+def unsupported(x: Any, ids: Any, weights: Any, w_gate: Any, w_up: Any, w_down: Any, kind: str,
+                config: QuantMoeConfig | None = None) -> str | None:
+    """None if the quantized grouped kernels take these arguments, else why not."""
+    shapes = operands_unsupported(x, ids, weights, w_gate, w_up, w_down, kind)
+    if isinstance(shapes, str):
+        return shapes
+    nk, e, h, f = shapes
     up_formats = (w_gate.fmt,) if w_up is None else (w_gate.fmt, w_up.fmt)
     cfg = config or choose_config(nk, e, h, f, (*up_formats, w_down.fmt))
     bm = cfg.block_m
