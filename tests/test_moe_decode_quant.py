@@ -171,3 +171,22 @@ def test_lowers_for_cuda_at_qwen3_30b_shapes(formats, fused):
     assert dq.unsupported(*args, "silu") is None
     text = _lower_cuda(lambda x, i, w, g, u, d: dq.moe_experts_decode_quant(x, i, w, g, u, d, "silu"), *args)
     assert text.count("__gpu$xla.gpu.triton") == 2  # gate_up and down
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_activations(dtype):
+    """x in bf16 / f16 (the act rows stored in that dtype; Q4_K gate, Q6_K up, Q4_0 down: both
+    variants): the output in that dtype, within the integer-dot variant's bound of the exact
+    float64 product, as the float32 run is (the rounded x moves the int8 codes of the groups,
+    so the two runs differ by about that bound, not by the dtype's unit roundoff)."""
+    rng = np.random.default_rng(9)
+    (gate, gate_d), (up, up_d), (down, down_d) = (_stack(rng, "Q4_K", E, F, H), _stack(rng, "Q6_K", E, F, H),
+                                                  _stack(rng, "Q4_0", E, H, F))
+    x = _x(rng, 1, gate_d)
+    ids, w = _routing(rng, 1)
+    got = dq.moe_experts_decode_quant(jnp.asarray(x, dtype), jnp.asarray(ids), jnp.asarray(w), gate, up, down, "silu",
+                                      config=CFG, interpret=INTERPRET)
+    assert got.dtype == dtype
+    exact = _numpy_moe(x, ids, w, *(_projection(q, d, False) for q, d in ((gate, gate_d), (up, up_d), (down, down_d))),
+                       E)
+    assert _rel(np.asarray(got, np.float32), exact) < 5e-2, _rel(np.asarray(got, np.float32), exact)
