@@ -448,12 +448,20 @@ def test_gguf_moe_model_gets_quantweight_stacks(tmp_path, monkeypatch):
     layers = tuple(dataclasses.replace(a, mlp=dataclasses.replace(a.mlp, gate=b.mlp.gate, up=b.mlp.up, down=b.mlp.down))
                    for a, b in zip(model.weights.layers, blocks.weights.layers))
     gguf_stacks = ferrum_jax.Model(cfg, dataclasses.replace(model.weights, layers=layers), None)
-    np.testing.assert_allclose(one_token(model), one_token(gguf_stacks), rtol=1e-5, atol=1e-4)
+    if INTERPRET:
+        np.testing.assert_allclose(one_token(model), one_token(gguf_stacks), rtol=1e-5, atol=1e-4)
+    else:  # one token: the repacked stacks take pallas_decode_quant, int8 activations (~1e-2 off)
+        assert _rel(one_token(model), one_token(gguf_stacks)) < 5e-2
 
     x = jnp.ones((1, 256), jnp.bfloat16)
     ids, w = map(jnp.asarray, _routing(np.random.default_rng(0), 1))
     layer0, layer1 = (model.weights.layers[i].mlp for i in (0, 1))
     impl, _ = Ops(platform="gpu").choose("moe_experts", x, ids, w, layer0.gate, layer0.up, layer0.down, "silu",
+                                         ops=None)
+    assert impl.name == "pallas_decode_quant"  # one token's 2 entries <= E / 4: decode-sized
+    x3 = jnp.ones((3, 256), jnp.bfloat16)
+    ids3, w3 = map(jnp.asarray, _routing(np.random.default_rng(0), 3))
+    impl, _ = Ops(platform="gpu").choose("moe_experts", x3, ids3, w3, layer0.gate, layer0.up, layer0.down, "silu",
                                          ops=None)
     assert impl.name == "pallas_grouped_quant"
     impl, choice = Ops(platform="gpu").choose("moe_experts", x, ids, w, layer1.gate, layer1.up, layer1.down, "silu",
