@@ -44,6 +44,9 @@ class Impl:
     # False for a Pallas call: GSPMD cannot partition it (it would gather every operand onto each
     # device), so ops on a mesh skip it unless the op runs on local shards (`register_layout`).
     partitionable: bool = True
+    # Why the result is not the exact product up to float rounding (e.g. "int8 activations"), or
+    # None; Ops(exact=True) skips such implementations.
+    approximate: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,12 +127,16 @@ class Ops:
         tok/s with cuBLAS vs XLA's choice: batch 1 -7.5%, 8 -4.6%, 32 -1.2%, 64 +3.7%, 128 +1.8%;
         bench/results/decode_gemm_backend_*): XLA's autotuner picks split-K Triton GEMMs that lose
         to cuBLAS once the weight tiles are reused by 64 rows.
+    exact: skip implementations that trade accuracy for speed beyond float rounding (the integer-dot
+        kernels of quantized weights at decode, which round the activations to int8 per weight
+        group: ~1e-2 relative error); the exact kernels or references run instead.
     """
 
     platform: str | None = None
     force: tuple[tuple[str, str], ...] = ()
     mesh: jax.sharding.Mesh | None = None
     cublas_from_rows: int | None = 64
+    exact: bool = False
 
     @property
     def sharded(self) -> bool:
@@ -142,6 +149,9 @@ class Ops:
             if name not in implementations(op):
                 raise ValueError(f"Ops(force=...): {op} has no implementation named {name!r}; "
                                  f"it has: {', '.join(implementations(op))}")
+            why = next(i.approximate for i in _TABLE[op] if i.name == name)
+            if self.exact and why:
+                raise ValueError(f"Ops(exact=True, force=...): {op}'s {name!r} is approximate ({why})")
 
     def compiler_options(self, rows: int) -> dict[str, Any] | None:
         """XLA compiler options for a decode program of `rows` rows (see `cublas_from_rows`)."""
@@ -173,6 +183,9 @@ class Ops:
                 continue
             if self.sharded and not impl.partitionable:
                 skipped.append((impl.name, "operands are sharded over a mesh (a Pallas call runs inside shard_map only)"))
+                continue
+            if self.exact and impl.approximate:
+                skipped.append((impl.name, f"approximate ({impl.approximate}) and Ops(exact=True)"))
                 continue
             reason = impl.applies(*args, **kwargs) if impl.applies else None
             if reason is not None:

@@ -13,7 +13,8 @@ moe_experts, tried in this order:
   pallas_decode_quant   GPU; decode-sized batches of quantized `QuantWeight` expert stacks (the
                         formats of pallas_grouped_quant below): the same GEMV grid, each program
                         decoding its rows straight from the packed stack, integer dots for 4-/8-bit
-                        codes, exact float math for 5-/6-bit (pallas_kernels/moe/decode_quant.py).
+                        codes, exact float math for 5-/6-bit (pallas_kernels/moe/decode_quant.py);
+                        `Ops(exact=True)` skips it (the grouped kernel is exact).
   pallas_grouped_quant  GPU; quantized `QuantWeight` expert stacks: GGUF stacks of a type with a
                         kernel layout (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K, repacked at load)
                         and GPTQ / AWQ experts (stacked at load); gate, up and down may differ in
@@ -113,6 +114,7 @@ register("moe_experts", Impl("pallas_decode", decode_experts, platforms=frozense
 register("moe_experts", Impl("pallas_grouped", grouped_experts, platforms=frozenset({"gpu"}), partitionable=False,
                              applies=_grouped_applies))
 register("moe_experts", Impl("pallas_decode_quant", decode_quant_experts, platforms=frozenset({"gpu"}),
-                             partitionable=False, applies=_decode_quant_applies))
+                             partitionable=False, applies=_decode_quant_applies,
+                             approximate="int8 activations for 4-/8-bit codes"))
 register("moe_experts", Impl("pallas_grouped_quant", grouped_quant_experts, platforms=frozenset({"gpu"}),
                              partitionable=False, applies=_grouped_quant_applies))

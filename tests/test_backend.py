@@ -280,3 +280,20 @@ def test_decode_picks_one_jitted_program_per_compiler_options():
     small, large, again = prog.program(state(4), gpu), prog.program(state(8), gpu), prog.program(state(16), gpu)
     assert small is not large and large is again
     assert prog.program(state(16), Ops(platform="cpu")) is small  # no options: the same program
+
+
+def test_exact_ops_skip_approximate_implementations():
+    """Ops(exact=True): the integer-dot kernels (int8 activations) decline with the reason and the
+    exact kernel next in line runs; forcing an approximate one with exact=True is refused."""
+    from ferrum_jax.quant.qweight import GGUF_FORMATS, QuantWeight
+
+    w = QuantWeight.from_codes(jnp.zeros((64, 256), jnp.uint8), jnp.ones((64, 8), jnp.uint8), GGUF_FORMATS["Q4_K"],
+                               mins=jnp.zeros((64, 8), jnp.uint8), super_scales=jnp.ones((64, 1), jnp.float32),
+                               super_offsets=jnp.zeros((64, 1), jnp.float32))
+    x = jnp.ones((1, 1, 256), jnp.bfloat16)
+    assert Ops(platform="gpu").choose("linear", x, w, None)[0].name == "pallas_qmatmul_dp4a"
+    impl, choice = Ops(platform="gpu", exact=True).choose("linear", x, w, None)
+    assert impl.name == "pallas_qmatmul" and "approximate (int8 activations)" in str(choice)
+    with pytest.raises(ValueError, match="pallas_qmatmul_dp4a.* is approximate"):
+        Ops(exact=True, force=(("linear", "pallas_qmatmul_dp4a"),))
+    assert all(i.approximate is None for op in ("attention", "rms_norm") for i in backend._TABLE[op])

@@ -154,6 +154,9 @@ def test_declines_with_reasons_and_dispatch():
         == "pallas_decode_quant"
     impl, choice = gpu.choose("moe_experts", three, ids3, w3, gate, gate, down, "silu", expert_offset=0, ops=None)
     assert impl.name == "pallas_grouped_quant" and "not decode-sized" in str(choice)
+    impl, choice = Ops(platform="gpu", exact=True).choose("moe_experts", one, ids, w, gate, gate, down, "silu",
+                                                          expert_offset=0, ops=None)
+    assert impl.name == "pallas_grouped_quant" and "Ops(exact=True)" in str(choice)
     assert moe_kernels.decode_quant is dq
     assert moe_ops.moe_experts  # the reference the registration falls back to
 

@@ -3,7 +3,8 @@
   pallas_qmatmul_dp4a  GPU, 4- and 8-bit codes, up to 4 rows of x (batch-1 decode): x is quantized
                   to int8 per weight group (as llama.cpp does; ~1e-2 relative error of the output)
                   and every group's dot is integer (dp4a), ~2x the float variants' speed.
-                  `Ops(force=(("linear", "pallas_qmatmul"),))` keeps activations exact.
+                  `Ops(exact=True)` skips it (as every approximate implementation), keeping
+                  activations exact.
   pallas_qmatmul  GPU, up to `KERNEL_MAX_ROWS` rows of x (decode, small batches): the Pallas kernel streams the
                   packed codes once (pallas_kernels/quant_matmul/), block sizes from its table.
   pallas_dequant_matmul  GPU, more rows (prefill): a Pallas pass writes the dense weight in x's
@@ -96,7 +97,7 @@ def embed(tokens: jax.Array, table: QuantWeight) -> jax.Array:
 
 
 register("linear", Impl("pallas_qmatmul_dp4a", dp4a_linear, platforms=frozenset({"gpu"}),
-                        partitionable=False, applies=_dp4a_applies))
+                        partitionable=False, applies=_dp4a_applies, approximate="int8 activations"))
 register("linear", Impl("pallas_qmatmul", kernel_linear, platforms=frozenset({"gpu"}),
                         partitionable=False, applies=_kernel_applies))
 register("linear", Impl("pallas_dequant_matmul", dequant_linear, platforms=frozenset({"gpu"}),
