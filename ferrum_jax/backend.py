@@ -275,13 +275,14 @@ class Ops:
 
     def decode_attention_append(self, q, k_new, v_new, k, v, q_positions, *, scale: float,
                                 window: int | None = None, softcap: float | None = None, rope=None, q_norm=None,
-                                k_norm=None, norm_eps: float = 1e-6, norm_offset: float = 0.0):
+                                k_norm=None, norm_eps: float = 1e-6, norm_offset: float = 0.0, tickets=None):
         """Store one decode token's k_new, v_new [batch, 1, kv_heads, head_dim] at q_positions in the
         contiguous cache k, v, then `decode_attention` over it -> (out, k, v). Given `rope` (and
-        q_norm, k_norm), q and k_new are the projection's, normalized and rotated first (ferrum_jax.ops)."""
+        q_norm, k_norm), q and k_new are the projection's, normalized and rotated first. Given
+        `tickets` (the kernel's zeroed split counters), they come back as a fourth output (ferrum_jax.ops)."""
         return self.call("decode_attention_append", q, k_new, v_new, k, v, q_positions, scale=scale, window=window,
                          softcap=softcap, rope=rope, q_norm=q_norm, k_norm=k_norm, norm_eps=norm_eps,
-                         norm_offset=norm_offset, ops=self)
+                         norm_offset=norm_offset, tickets=tickets, ops=self)
 
     def paged_attention(self, q, k_pages, v_pages, page_table, q_positions, *, scale: float,
                         window: int | None = None, softcap: float | None = None, k_scale=None, v_scale=None):

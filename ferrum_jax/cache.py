@@ -55,6 +55,10 @@ class KVCache:
     v: tuple[jax.Array, ...]
     k_scale: tuple[jax.Array, ...] | None = None  # per layer [batch, kv_heads, capacity] for int8/fp8 codes
     v_scale: tuple[jax.Array, ...] | None = None
+    # The decode attention kernel's split counters, int32 [batch, kv_heads], all zero between calls:
+    # a decode loop adds them once (`with_tickets`) and every layer of every step reuses them,
+    # instead of each call zeroing its own (a memset per layer per step).
+    tickets: jax.Array | None = None
 
     @staticmethod
     def create(*, num_layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,
@@ -68,6 +72,14 @@ class KVCache:
         def scales() -> tuple[jax.Array, ...]:  # one buffer each: the cache is donated
             return tuple(jnp.zeros(k_shape[:3], jnp.float32) for _ in range(num_layers))
         return KVCache(k=k, v=v, k_scale=scales(), v_scale=scales())
+
+    def with_tickets(self) -> KVCache:
+        """This cache carrying zeroed split counters for the decode kernel (see `tickets`)."""
+        b, kvh = self.k[0].shape[:2]
+        return dataclasses.replace(self, tickets=jnp.zeros((b, kvh), jnp.int32))
+
+    def without_tickets(self) -> KVCache:
+        return dataclasses.replace(self, tickets=None)
 
     @property
     def batch(self) -> int:
@@ -93,10 +105,10 @@ class KVCache:
             return None if arrays is None else _replace(arrays, layer, write_kv(arrays[layer], new, positions))
 
         if not self.quantized:
-            return KVCache(k=put(self.k, k_new), v=put(self.v, v_new))
+            return dataclasses.replace(self, k=put(self.k, k_new), v=put(self.v, v_new))
         (kc, ks), (vc, vs) = quantize_kv(k_new, self.k[layer].dtype), quantize_kv(v_new, self.v[layer].dtype)
-        return KVCache(k=put(self.k, kc), v=put(self.v, vc), k_scale=put(self.k_scale, ks),
-                       v_scale=put(self.v_scale, vs))
+        return dataclasses.replace(self, k=put(self.k, kc), v=put(self.v, vc), k_scale=put(self.k_scale, ks),
+                                   v_scale=put(self.v_scale, vs))
 
     def write_attend(self, layer: int, q: jax.Array, k_new: jax.Array, v_new: jax.Array, positions: jax.Array, *,
                      ops, scale: float, window: int | None, softcap: float | None, kv_len: int | None,
@@ -110,10 +122,11 @@ class KVCache:
             cache = self.write(layer, k_new, v_new, positions)
             return cache.attend(layer, q, positions, ops=ops, scale=scale, window=window, softcap=softcap,
                                 kv_len=kv_len), cache
-        out, k, v = ops.decode_attention_append(q, k_new, v_new, self.k[layer], self.v[layer], positions,
-                                                scale=scale, window=window, softcap=softcap,
-                                                **(prologue.kwargs() if prologue is not None else {}))
-        return out, KVCache(k=_replace(self.k, layer, k), v=_replace(self.v, layer, v))
+        out, k, v, *tickets = ops.decode_attention_append(
+            q, k_new, v_new, self.k[layer], self.v[layer], positions, scale=scale, window=window, softcap=softcap,
+            tickets=self.tickets, **(prologue.kwargs() if prologue is not None else {}))
+        return out, KVCache(k=_replace(self.k, layer, k), v=_replace(self.v, layer, v),
+                            tickets=tickets[0] if tickets else None)
 
     def attend(self, layer: int, q: jax.Array, positions: jax.Array, *, ops, scale: float,
                window: int | None, softcap: float | None, kv_len: int | None) -> jax.Array:

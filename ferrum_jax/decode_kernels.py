@@ -48,17 +48,17 @@ def pallas_decode_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k: ja
                          q_positions: jax.Array, *, scale: float, window: int | None = None,
                          softcap: float | None = None, rope: Rope | None = None, q_norm: jax.Array | None = None,
                          k_norm: jax.Array | None = None, norm_eps: float = 1e-6, norm_offset: float = 0.0,
-                         ops: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                         tickets: jax.Array | None = None, ops: Any = None) -> tuple[jax.Array, ...]:
     return decode_append.decode_attention_append(q, k_new, v_new, k, v, q_positions, scale=scale, window=window,
                                                  softcap=softcap, rope=rope, q_norm=q_norm, k_norm=k_norm,
-                                                 norm_eps=norm_eps, norm_offset=norm_offset)
+                                                 norm_eps=norm_eps, norm_offset=norm_offset, tickets=tickets)
 
 
 def _append_applies(q: Any, k_new: Any, v_new: Any, k: Any, v: Any, q_positions: Any, *, scale: float,
                     window: int | None = None, softcap: float | None = None, rope: Rope | None = None,
                     q_norm: Any = None, k_norm: Any = None, norm_eps: float = 1e-6, norm_offset: float = 0.0,
-                    ops: Any = None) -> str | None:
-    return (decode_append.unsupported(q, k_new, v_new, k, v, q_positions, rope, q_norm, k_norm)
+                    tickets: Any = None, ops: Any = None) -> str | None:
+    return (decode_append.unsupported(q, k_new, v_new, k, v, q_positions, rope, q_norm, k_norm, tickets)
             or _too_large(q, k, v))
 
 

@@ -116,8 +116,12 @@ def _decode_loop(weights: Any, cache: Cache, state: DecodeState, params: Samplin
         tok = sample(logits[:, 0], sub, params, state.seen)
         return _advance(state, tok, update_seen(state.seen, tok), key, cache.capacity), cache, i + 1
 
+    # The decode attention kernel's split counters, zeroed once for the whole loop (KVCache.tickets).
+    tickets = isinstance(cache, KVCache) and not cache.quantized
+    if tickets:
+        cache = cache.with_tickets()
     state, cache, _ = jax.lax.while_loop(cond, body, (state, cache, jnp.int32(0)))
-    return state, cache
+    return state, cache.without_tickets() if tickets else cache
 
 
 class DecodeProgram:

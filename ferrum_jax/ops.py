@@ -161,16 +161,19 @@ def decode_attention_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k:
                             q_positions: jax.Array, *, scale: float, window: int | None = None,
                             softcap: float | None = None, rope: Rope | None = None, q_norm: jax.Array | None = None,
                             k_norm: jax.Array | None = None, norm_eps: float = 1e-6, norm_offset: float = 0.0,
-                            ops=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                            tickets: jax.Array | None = None, ops=None) -> tuple[jax.Array, ...]:
     """One decode token: `prepare_qk` (when rope or q_norm/k_norm are given: q and k_new are then
     the projection's), store k_new, v_new [batch, 1, kv_heads, head_dim] at q_positions [batch, 1]
     of the cache k, v, then `decode_attention` of q over the whole cache -> (out, k, v). Here
-    separate ops and cache writes; on a GPU one kernel does all."""
+    separate ops and cache writes; on a GPU one kernel does all. `tickets` (zeroed int32
+    [batch, kv_heads]) are the kernel's split counters, kept by the caller so that they are zeroed
+    once per decode loop rather than per call: given, they come back (zeros) as a fourth output."""
     q, k_new = prepare_qk(q, k_new, q_positions, rope=rope, q_norm=q_norm, k_norm=k_norm, eps=norm_eps,
                           offset=norm_offset, ops=ops)
     k, v = write_kv(k, k_new, q_positions), write_kv(v, v_new, q_positions)
     attend = attention if ops is None else ops.decode_attention
-    return attend(q, k, v, q_positions, scale=scale, window=window, softcap=softcap), k, v
+    out = attend(q, k, v, q_positions, scale=scale, window=window, softcap=softcap)
+    return (out, k, v) if tickets is None else (out, k, v, tickets)
 
 
 def dequantize_kv(x: jax.Array, scale: jax.Array | None, dtype: jnp.dtype) -> jax.Array:

@@ -333,11 +333,14 @@ def _attention_layout(mesh: Mesh, q: jax.Array, k: jax.Array, v: jax.Array, q_po
 
 def _append_layout(mesh: Mesh, q: jax.Array, k_new: jax.Array, v_new: jax.Array, k: jax.Array, v: jax.Array,
                    q_positions: jax.Array, **kwargs: Any) -> tuple[tuple, dict, tuple]:
-    """`decode_attention_append` splits as attention: the new k/v by kv heads like the cache."""
+    """`decode_attention_append` splits as attention: the new k/v (and the split counters,
+    `tickets` [batch, kv_heads]) by kv heads like the cache."""
     (qs, kv, _, pos), _, out = _attention_layout(mesh, q, k, v, q_positions)
     new = PartitionSpec(qs[0], None, kv[1], None)
     norms = PartitionSpec(None)  # per-head norm weights [head_dim]: the same on every device
-    return (qs, new, new, kv, kv, pos), {"q_norm": norms, "k_norm": norms}, (out, kv, kv)
+    tickets = PartitionSpec(kv[0], kv[1])
+    outs = (out, kv, kv) if kwargs.get("tickets") is None else (out, kv, kv, tickets)
+    return (qs, new, new, kv, kv, pos), {"q_norm": norms, "k_norm": norms, "tickets": tickets}, outs
 
 
 # Attention on a mesh runs in shard_map on local heads, so its Pallas kernels run there too.

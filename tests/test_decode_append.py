@@ -263,3 +263,45 @@ def test_reference_is_ops_write_then_attention():
     out, k2, v2 = ref_ops.decode_attention_append(q, k_new, v_new, k, v, pos, scale=0.2)
     np.testing.assert_array_equal(np.asarray(k2), _numpy_write(k, k_new, pos))
     _close(out, naive(q, np.asarray(k2), np.asarray(v2), np.asarray(pos), scale=0.2), jnp.float32)
+
+
+def test_tickets_thread_through_calls():
+    """Counters the caller keeps (`tickets`, zeroed once, as a decode loop's KVCache carries them)
+    serve call after call: each call merges right and hands them back zeroed. Counters that start
+    non-zero make the merge fire before the last split's partials are in (the check can fail)."""
+    q, k_new, v_new, k, v = _inputs(9, 2, 8, 2, 96, 64, jnp.float32)
+    step = jax.jit(partial(decode_append.decode_attention_append, scale=0.125, block_k=16, num_splits=4,
+                           interpret=INTERPRET))
+    tickets = jnp.zeros((2, 2), jnp.int32)
+    for p in (40, 41, 42):
+        pos = jnp.asarray([[p], [p - 20]], jnp.int32)
+        want = naive(q, _numpy_write(k, k_new, pos), _numpy_write(v, v_new, pos), np.asarray(pos), scale=0.125)
+        got, k, v, tickets = step(q, k_new, v_new, k, v, pos, tickets=tickets)
+        _close(got, want, jnp.float32)
+        np.testing.assert_array_equal(np.asarray(tickets), 0)
+        k_new, v_new = k_new * 0.5, v_new + 1.0
+    pos = jnp.asarray([[50], [30]], jnp.int32)
+    want = naive(q, _numpy_write(k, k_new, pos), _numpy_write(v, v_new, pos), np.asarray(pos), scale=0.125)
+    got, *_ = step(q, k_new, v_new, k, v, pos, tickets=jnp.ones((2, 2), jnp.int32))
+    assert not np.allclose(np.asarray(got), want, atol=1e-3)
+
+
+def test_tickets_through_the_op_and_the_cache():
+    """The op returns the tickets as a fourth output (the reference: as they came); a cache that
+    carries them (`with_tickets`) writes and attends as one that does not, and keeps them."""
+    q, k_new, v_new, k, v = _inputs(4, 2, 8, 2, 48, 64, jnp.float32)
+    pos = jnp.asarray([[40], [17]], jnp.int32)
+    tickets = jnp.zeros((2, 2), jnp.int32)
+    out = ref_ops.decode_attention_append(q, k_new, v_new, k, v, pos, scale=0.125, tickets=tickets)
+    assert len(out) == 4 and out[3] is tickets
+    gpu = Ops(platform="gpu")
+    impl, choice = gpu.choose("decode_attention_append", q, k_new, v_new, k, v, pos, scale=0.1,
+                              tickets=jnp.zeros((2, 3), jnp.int32))
+    assert impl.name == "xla" and "tickets" in str(choice)
+    cache = KVCache.create(num_layers=2, batch=2, kv_heads=2, capacity=48, head_dim=64, dtype=jnp.float32)
+    kw = dict(ops=Ops(), scale=0.125, window=None, softcap=None, kv_len=None)
+    got, plain = cache.write_attend(1, q, k_new, v_new, pos, **kw)
+    got_t, carried = cache.with_tickets().write_attend(1, q, k_new, v_new, pos, **kw)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(got_t))
+    assert plain.tickets is None and carried.tickets.shape == (2, 2)
+    assert jax.tree.structure(carried.without_tickets()) == jax.tree.structure(plain)

@@ -16,7 +16,9 @@ writes, a query pad, the split combine) — each one a launch that costs more th
   a ticket from a counter per (row, kv head) (an acquire-release atomic after a CTA barrier); the
   program that draws the last ticket reads every split's partials and writes the normalized output,
   and leaves the counter at zero. With one split there are no partials at all.
-- The counters are a zeroed [B, KVH, 1] operand (a tiny memset per call, ~0.9 us on an H200).
+- The counters are a zeroed [B, KVH] int32 operand, aliased to an output: a caller that passes
+  `tickets` (and threads the returned ones to the next call, as `KVCache` does through a decode
+  loop) zeroes them once, not per call (a memset per layer and step: ~0.9 us each on an H200).
 - Optionally the kernel also does what turns the projection's q, k into attention's (`rope`, and
   before it Qwen3's / Gemma 3's per-head RMSNorm `q_norm`, `k_norm`): each program normalizes and
   rotates its query rows, split 0 the new key, before storing it. That was one or two XLA fusions
@@ -47,7 +49,8 @@ from pallas_kernels.attention.decode import (MASKED, SM_COUNT, DecodeConfig, _po
                                              visible_blocks)
 
 
-def unsupported(q, k_new, v_new, k, v, q_positions, rope: Rope | None = None, q_norm=None, k_norm=None) -> str | None:
+def unsupported(q, k_new, v_new, k, v, q_positions, rope: Rope | None = None, q_norm=None, k_norm=None,
+                tickets=None) -> str | None:
     """None if `decode_attention_append` runs these arguments, else why not."""
     reason = check_inputs(q, k, v, None, None)
     if reason is not None:
@@ -71,6 +74,8 @@ def unsupported(q, k_new, v_new, k, v, q_positions, rope: Rope | None = None, q_
             return f"{name} shape {w.shape} != (head_dim,) = {(d,)}"
     if rope is not None and (rope.dim % 2 or not 0 < rope.dim <= d):
         return f"rope dim {rope.dim} is not even and within head_dim {d}"
+    if tickets is not None and (tickets.shape != (b, kvh) or tickets.dtype != jnp.int32):
+        return f"tickets {tickets.shape} {tickets.dtype} are not int32 [batch, kv_heads] = {(b, kvh)}"
     return None
 
 
@@ -239,13 +244,14 @@ def decode_attention_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k:
                             k_norm: jax.Array | None = None, norm_eps: float = 1e-6, norm_offset: float = 0.0,
                             block_k: int | None = None, num_splits: int | None = None,
                             num_warps: int | None = None, num_stages: int | None = None,
-                            interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+                            tickets: jax.Array | None = None, interpret: bool = False) -> tuple[jax.Array, ...]:
     """Store k_new, v_new [B, 1, KVH, D] at q_positions [B, 1] of the cache k, v [B, KVH, S, D]
     (in place where the caller donates it), and attend q [B, 1, H, D] over it -> (out [B, 1, H, Dv]
     in q's dtype, k, v). With `q_norm`, `k_norm` [D] and/or `rope`, q and k_new are the projection's
-    and the kernel applies `ferrum_jax.ops.prepare_qk` to them first. The launch config defaults as
-    `default_config`."""
-    reason = unsupported(q, k_new, v_new, k, v, q_positions, rope, q_norm, k_norm)
+    and the kernel applies `ferrum_jax.ops.prepare_qk` to them first. `tickets`: zeroed int32
+    [B, KVH] split counters, returned (zeroed again) as a fourth output for the next call; without
+    them the kernel zeroes its own. The launch config defaults as `default_config`."""
+    reason = unsupported(q, k_new, v_new, k, v, q_positions, rope, q_norm, k_norm, tickets)
     if reason is not None:
         raise ValueError(f"decode_attention_append: {reason}")
     b, _, h, d = q.shape
@@ -288,7 +294,8 @@ def decode_attention_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k:
         out_shape += [jax.ShapeDtypeStruct((b, kvh, splits, gr, dv), jnp.float32),
                       jax.ShapeDtypeStruct((b, kvh, splits, gr), jnp.float32),
                       jax.ShapeDtypeStruct((b, kvh, splits, gr), jnp.float32)]
-    out, k, v, *_ = pl.pallas_call(
+    counters = jnp.zeros((b, kvh), jnp.int32) if tickets is None else tickets
+    out, k, v, counters, *_ = pl.pallas_call(
         kernel,
         grid=(b, kvh, splits),
         in_specs=in_specs,
@@ -298,19 +305,23 @@ def decode_attention_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k:
         interpret=interpret,
         name="decode_attention_append",
         **triton_params(cfg.num_warps, cfg.num_stages, interpret),
-    )(q_positions.astype(jnp.int32), qkv, k, v, jnp.zeros((b, kvh, 1), jnp.int32), *extra)
-    return out.reshape(b, 1, h, dv), k, v
+    )(q_positions.astype(jnp.int32), qkv, k, v, counters.reshape(b, kvh, 1), *extra)
+    if tickets is None:
+        return out.reshape(b, 1, h, dv), k, v
+    return out.reshape(b, 1, h, dv), k, v, counters.reshape(b, kvh)
 
 
 def reference(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
               *, scale: float, window: int | None = None, softcap: float | None = None, rope: Rope | None = None,
               q_norm: jax.Array | None = None, k_norm: jax.Array | None = None, norm_eps: float = 1e-6,
-              norm_offset: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The oracle: ferrum_jax.ops.prepare_qk, write_kv, then ferrum_jax.ops.attention over the whole cache."""
+              norm_offset: float = 0.0, tickets: jax.Array | None = None) -> tuple[jax.Array, ...]:
+    """The oracle: ferrum_jax.ops.prepare_qk, write_kv, then ferrum_jax.ops.attention over the whole cache
+    (and the tickets back as they came: zeros)."""
     q, k_new = ref_ops.prepare_qk(q, k_new, q_positions, rope=rope, q_norm=q_norm, k_norm=k_norm, eps=norm_eps,
                                   offset=norm_offset)
     k, v = ref_ops.write_kv(k, k_new, q_positions), ref_ops.write_kv(v, v_new, q_positions)
-    return ref_ops.attention(q, k, v, q_positions, scale=scale, window=window, softcap=softcap), k, v
+    out = ref_ops.attention(q, k, v, q_positions, scale=scale, window=window, softcap=softcap)
+    return (out, k, v) if tickets is None else (out, k, v, tickets)
 
 
 __all__ = ["decode_attention_append", "reference", "unsupported"]
