@@ -268,7 +268,8 @@ def test_reference_is_ops_write_then_attention():
 def test_tickets_thread_through_calls():
     """Counters the caller keeps (`tickets`, zeroed once, as a decode loop's KVCache carries them)
     serve call after call: each call merges right and hands them back zeroed. Counters that start
-    non-zero make the merge fire before the last split's partials are in (the check can fail)."""
+    non-zero make the merge fire before the last split's partials are in (the check can fail; in
+    interpret mode, where the programs run in order)."""
     q, k_new, v_new, k, v = _inputs(9, 2, 8, 2, 96, 64, jnp.float32)
     step = jax.jit(partial(decode_append.decode_attention_append, scale=0.125, block_k=16, num_splits=4,
                            interpret=INTERPRET))
@@ -280,10 +281,11 @@ def test_tickets_thread_through_calls():
         _close(got, want, jnp.float32)
         np.testing.assert_array_equal(np.asarray(tickets), 0)
         k_new, v_new = k_new * 0.5, v_new + 1.0
-    pos = jnp.asarray([[50], [30]], jnp.int32)
-    want = naive(q, _numpy_write(k, k_new, pos), _numpy_write(v, v_new, pos), np.asarray(pos), scale=0.125)
-    got, *_ = step(q, k_new, v_new, k, v, pos, tickets=jnp.ones((2, 2), jnp.int32))
-    assert not np.allclose(np.asarray(got), want, atol=1e-3)
+    if INTERPRET:  # programs run one after another: the early merge is certain (on a GPU, a race)
+        pos = jnp.asarray([[50], [30]], jnp.int32)
+        want = naive(q, _numpy_write(k, k_new, pos), _numpy_write(v, v_new, pos), np.asarray(pos), scale=0.125)
+        got, *_ = step(q, k_new, v_new, k, v, pos, tickets=jnp.ones((2, 2), jnp.int32))
+        assert not np.allclose(np.asarray(got), want, atol=1e-3)
 
 
 def test_tickets_through_the_op_and_the_cache():
