@@ -7,8 +7,8 @@ runs at half the bandwidth in the model, where the weight comes from HBM (Qwen3-
 H200: 7.6 us with cuBLAS, 11.9-13.3 us with the Triton GEMM it picked in some compiles).
 
 Grid (N / block_n, rows): program (j, i) streams rows [j*block_n, (j+1)*block_n) of w (each row K
-contiguous inputs) in block_k steps against x's row i: elementwise float32 FMAs, one reduction
-along the row per step. The steps are unrolled (static), so every tile's load can be in flight at
+contiguous inputs) in block_k steps against x's row i: elementwise float32 FMAs into a
+[block_n, block_k] accumulator, reduced along the row once at the end. The steps are unrolled (static), so every tile's load can be in flight at
 once (Triton pipelines only loads that feed a tensor-core dot; a loop would wait on each load).
 A second row of x re-reads the weight, mostly from L2: the kernel is for rows <= MAX_ROWS.
 
@@ -83,12 +83,14 @@ def _gemv_kernel(x_ref, w_ref, *rest, block_k: int, steps: int):
     j, i = pl.program_id(0), pl.program_id(1)
     (bn,) = o_ref.shape
     n0 = pl.multiple_of(j * bn, bn)
-    acc = jnp.zeros((bn,), jnp.float32)
+    # Products accumulate elementwise across the steps and are reduced along the row once at the
+    # end: a reduction per step costs shuffles and a shared-memory round trip between the loads.
+    acc = jnp.zeros((bn, block_k), jnp.float32)
     for t in range(steps):  # unrolled: all the program's weight loads in flight together
         xv = x_ref[i, pl.ds(t * block_k, block_k)].astype(jnp.float32)[None, :]
         w = w_ref[pl.ds(n0, bn), pl.ds(t * block_k, block_k)].astype(jnp.float32)
-        acc = acc + jnp.sum(w * xv, axis=1)
-    y = acc.astype(o_ref.dtype)
+        acc = acc + w * xv
+    y = jnp.sum(acc, axis=1).astype(o_ref.dtype)
     if b_ref is not None:  # as the reference: the bias added in the output dtype
         y = y + b_ref[pl.ds(n0, bn)].astype(o_ref.dtype)
     o_ref[...] = y
