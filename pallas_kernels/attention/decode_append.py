@@ -203,6 +203,7 @@ def _append_kernel(pos_ref, qkv_ref, k_ref, v_ref, _cnt_in, *refs, scale, window
 TILE_BYTES = 16 * 1024
 MIN_BLOCKS_PER_SPLIT = 2
 MAX_SPLITS = 16
+FEW_PROGRAM_WARPS = 8
 
 
 def default_config(batch: int, kv_heads: int, slots: int, head_dim: int, cache_dtype, block_k: int | None = None,
@@ -215,7 +216,11 @@ def default_config(batch: int, kv_heads: int, slots: int, head_dim: int, cache_d
     bk = block_k or max(16, min(_pow2_floor(TILE_BYTES // (head_dim * itemsize)), fit))
     want = -(-2 * SM_COUNT // (batch * kv_heads))  # two programs per SM
     splits = num_splits or max(1, min(want, -(-slots // bk) // MIN_BLOCKS_PER_SPLIT, MAX_SPLITS))
-    return choose_config(batch, kv_heads, slots, head_dim, cache_dtype, bk, splits, num_warps, num_stages or 3)
+    # A grid of at most half as many programs as SMs leaves SMs idle: 8 warps then shorten each
+    # program (Qwen3-30B-A3B at 1k, 32 programs: 9.7 -> 8.5 us in the model on an H200), while a
+    # fuller grid keeps 4 (Llama-3.1-8B at 2k, 128 programs: 8.8 us, 9.3 with 8).
+    warps = num_warps or (FEW_PROGRAM_WARPS if batch * kv_heads * splits <= SM_COUNT // 2 else None)
+    return choose_config(batch, kv_heads, slots, head_dim, cache_dtype, bk, splits, warps, num_stages or 3)
 
 
 def merge_chunk(splits: int, rows: int, dv: int) -> int:
