@@ -5,10 +5,12 @@
 [5120, 2048]). There it is as fast as XLA's best and does not change from one compile to the next:
 XLA's autotuner times its candidates with the weight L2-resident and, for ~20 MB weights, picked a
 Triton GEMM in some compiles that runs at half the bandwidth in the model (Qwen3-30B-A3B's qkv in
-a decode profile on an H200: 13.2 us, 7.6 us as the GEMV; bench/results/gemv_bench_*). Narrower
-projections (o, down, the router) measured faster through XLA, and the vocabulary projections
-(0.6-1 GB) stream at the copy bandwidth through XLA already (the GEMV 3-5% behind), so the kernel
-declines them, as it does prefill-sized x, quantized weights (their own kernels) and mixed dtypes.
+a decode profile on an H200: 13.2 us, 7.2 us as the GEMV; bench/results/gemv_bench_*). Narrower
+projections (o, down, the router) measured faster through XLA (with every dense Llama-3.1-8B
+projection as the GEMV, batch 1 at 2k ran at 217.8-231.9 tok/s against 233.1-233.7 in the same
+session: bench/results/decode_launch_defaults_ab_*), and the vocabulary projections (0.6-1 GB)
+stream at the copy bandwidth through XLA already (the GEMV 3-5% behind), so the kernel declines
+them, as it does prefill-sized x, quantized weights (their own kernels) and mixed dtypes.
 Not partitionable: on a mesh XLA runs the matmul.
 """
 

@@ -33,10 +33,12 @@ FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class GemvConfig:
-    # H200 sweep (bench/results/gemv_bench_*): few rows per program (many programs) won at every shape.
-    block_n: int = 8  # weight rows (outputs) per program
-    block_k: int = 512  # inputs per load
-    num_warps: int = 8
+    # H200, with the accumulator reduced once at the end: bench/gemv.py's sweep (bench/results/
+    # gemv_bench_*) and the model agree on (4, 1024, 4) for Qwen3-30B-A3B's qkv (in a decode
+    # profile: 7.2 us; 8.9 with (8, 512, 8), 8.2 with (4, 512, 4) or (8, 1024, 4)).
+    block_n: int = 4  # weight rows (outputs) per program
+    block_k: int = 1024  # inputs per load
+    num_warps: int = 4
 
 
 def _fit(dim: int, want: int) -> int:
