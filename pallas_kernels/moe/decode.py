@@ -107,13 +107,15 @@ def _gate_up_kernel(ids_ref, off_ref, x_ref, wg_ref, wu_ref, o_ref, *, top_k: in
         # Unrolled (static steps): every tile's address is known up front, so its loads can all be
         # in flight at once; a loop would wait on each step's load (the pipeliner only overlaps
         # loads that feed a tensor-core dot).
-        g = u = jnp.zeros((bn,), jnp.float32)
+        # Products accumulate elementwise across the steps, reduced along the rows once at the end.
+        g = u = jnp.zeros((bn, block_k), jnp.float32)
         for t in range(steps):
             k0 = t * block_k
             xv = x_ref[tok, pl.ds(k0, block_k)].astype(jnp.float32)[None, :]
             wg = wg_ref[e, pl.ds(n0, bn), pl.ds(k0, block_k)].astype(jnp.float32)
             wu = wu_ref[e, pl.ds(up_row + n0, bn), pl.ds(k0, block_k)].astype(jnp.float32)
-            g, u = g + jnp.sum(wg * xv, axis=1), u + jnp.sum(wu * xv, axis=1)
+            g, u = g + wg * xv, u + wu * xv
+        g, u = jnp.sum(g, axis=1), jnp.sum(u, axis=1)
         o_ref[...] = (KERNEL_ACTIVATIONS[act](g) * u).astype(o_ref.dtype)
 
     @pl.when(jnp.logical_not(mine))
@@ -130,12 +132,12 @@ def _down_kernel(ids_ref, rw_ref, off_ref, a_ref, w_ref, o_ref, *, experts: int,
 
     @pl.when(mine)
     def _():
-        acc = jnp.zeros((bn,), jnp.float32)
+        acc = jnp.zeros((bn, block_k), jnp.float32)
         for c in range(chunks):  # unrolled, as in the gate_up kernel: all loads in flight together
             a = a_ref[i, pl.ds(c * block_k, block_k)].astype(jnp.float32)[None, :]
             w = w_ref[local, pl.ds(n0, bn), pl.ds(c * block_k, block_k)].astype(jnp.float32)
-            acc = acc + jnp.sum(w * a, axis=1)
-        o_ref[...] = acc * rw_ref[i]
+            acc = acc + w * a
+        o_ref[...] = jnp.sum(acc, axis=1) * rw_ref[i]
 
     @pl.when(jnp.logical_not(mine))
     def _():
