@@ -235,6 +235,11 @@ class Ops:
         """(s, rms_norm(s, w)) with s = x + residual: a residual add and the norm after it (ferrum_jax.ops)."""
         return self.call("add_rms_norm", x, residual, w, eps=eps, offset=offset)
 
+    def add_rms_norm_linear(self, x, residual, norm_w, w, bias=None, *, eps: float, offset: float = 0.0):
+        """(s, linear(rms_norm(s, norm_w), w, bias)) with s = x + residual (x when residual is None):
+        a layer's residual add, input norm and first projection (ferrum_jax.ops)."""
+        return self.call("add_rms_norm_linear", x, residual, norm_w, w, bias, eps=eps, offset=offset, ops=self)
+
     def rope(self, x, positions, rope):
         return self.call("rope", x, positions, rope)
 

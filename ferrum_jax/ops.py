@@ -49,6 +49,18 @@ def add_rms_norm(x: jax.Array, residual: jax.Array, w: jax.Array, *, eps: float,
     return s, rms_norm(s, w, eps=eps, offset=offset)
 
 
+def add_rms_norm_linear(x: jax.Array, residual: jax.Array | None, norm_w: jax.Array, w, bias=None, *, eps: float,
+                        offset: float = 0.0, ops) -> tuple[jax.Array, jax.Array]:
+    """A residual add, the norm after it and the projection of the normed sum: (s, linear(rms_norm(s,
+    norm_w), w, bias)) with s = x + residual (x when residual is None). One op so a GPU kernel can
+    do all three at decode; here `add_rms_norm` (or `rms_norm`) and `linear` through `ops`."""
+    if residual is None:
+        s, normed = x, ops.rms_norm(x, norm_w, eps=eps, offset=offset)
+    else:
+        s, normed = ops.add_rms_norm(x, residual, norm_w, eps=eps, offset=offset)
+    return s, ops.linear(normed, w, bias)
+
+
 def rope(x: jax.Array, positions: jax.Array, rope: Rope) -> jax.Array:
     """Rotate-half rotary embedding (the HF layout) on x [B, T, H, D] at positions [B, T]."""
     inv_freq = jnp.asarray(rope.inv_freq())
@@ -242,6 +254,7 @@ for _op, _fn, _applies in [
     ("linear", linear, _dense_only),
     ("rms_norm", rms_norm, None),
     ("add_rms_norm", add_rms_norm, None),
+    ("add_rms_norm_linear", add_rms_norm_linear, None),
     ("rope", rope, None),
     ("activation", activation, None),
     ("gated_mlp", gated_mlp, None),

@@ -145,30 +145,41 @@ def mlp_weights(t: Mapping[str, Any], p: str) -> Mlp:
     return Mlp(gate=t[p + "mlp.gate_proj.weight"], up=t[p + "mlp.up_proj.weight"], down=t[p + "mlp.down_proj.weight"])
 
 
-def self_attention(p: Attention, x: jax.Array, positions: jax.Array, cache: KVCache, layer: int,
-                   spec: AttnSpec, ops: Ops, kv_len: int | None) -> tuple[jax.Array, KVCache]:
-    """Project, (q/k-norm), rotate, store K/V in the cache at `positions`, attend over the first
-    `kv_len` cache slots (all of them when None), project out."""
+def self_attention(p: Attention, x: jax.Array, residual: jax.Array | None, norm: jax.Array, positions: jax.Array,
+                   cache: KVCache, layer: int, spec: AttnSpec, ops: Ops, kv_len: int | None, *, eps: float,
+                   norm_offset: float = 0.0) -> tuple[jax.Array, jax.Array, KVCache]:
+    """The attention sub-layer from the residual stream: s = x + residual (x when residual is None,
+    the add still pending from the layer before), its RMS norm (`norm`), then project, (q/k-norm),
+    rotate, store K/V in the cache at `positions`, attend over the first `kv_len` cache slots (all
+    of them when None), project out -> (s, attention output, cache). With the projections fused,
+    the add, the norm and the qkv projection are one op (`add_rms_norm_linear`: one kernel at
+    decode on GPU)."""
     b, t, _ = x.shape
     q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     h, kvh, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    if p.wqkv is not None and p.shards == 1:
-        # split along heads: the decode kernel's operand concatenates them back along the same
-        # axis, which XLA folds into the projection's output (no copy)
-        qkv = ops.linear(x, p.wqkv, p.bqkv).reshape(b, t, h + 2 * kvh, d)
-        q, k, v = qkv[:, :, :h], qkv[:, :, h:h + kvh], qkv[:, :, h + kvh:]
-    elif p.wqkv is not None:  # split each shard's [q_i; k_i; v_i] group
-        qkv = ops.linear(x, p.wqkv, p.bqkv).reshape(b, t, p.shards, -1)
-        qs, ks = q_size // p.shards, kv_size // p.shards
-        q, k, v = qkv[..., :qs], qkv[..., qs:qs + ks], qkv[..., qs + ks:]
+    if p.wqkv is not None:
+        s, qkv = ops.add_rms_norm_linear(x, residual, norm, p.wqkv, p.bqkv, eps=eps, offset=norm_offset)
+        if p.shards == 1:
+            # split along heads: the decode kernel's operand concatenates them back along the same
+            # axis, which XLA folds into the projection's output (no copy)
+            qkv = qkv.reshape(b, t, h + 2 * kvh, d)
+            q, k, v = qkv[:, :, :h], qkv[:, :, h:h + kvh], qkv[:, :, h + kvh:]
+        else:  # split each shard's [q_i; k_i; v_i] group
+            qkv = qkv.reshape(b, t, p.shards, -1)
+            qs, ks = q_size // p.shards, kv_size // p.shards
+            q, k, v = qkv[..., :qs], qkv[..., qs:qs + ks], qkv[..., qs + ks:]
     else:
-        q, k, v = ops.linear(x, p.wq, p.bq), ops.linear(x, p.wk, p.bk), ops.linear(x, p.wv, p.bv)
+        if residual is None:
+            s, normed = x, ops.rms_norm(x, norm, eps=eps, offset=norm_offset)
+        else:
+            s, normed = ops.add_rms_norm(x, residual, norm, eps=eps, offset=norm_offset)
+        q, k, v = ops.linear(normed, p.wq, p.bq), ops.linear(normed, p.wk, p.bk), ops.linear(normed, p.wv, p.bv)
     q, k, v = q.reshape(b, t, h, d), k.reshape(b, t, kvh, d), v.reshape(b, t, kvh, d)
     # q/k norm and rope go with q, k to the cache: a decode step does them inside its attention kernel.
     prologue = QKPrologue(spec.rope, p.q_norm, p.k_norm, eps=spec.norm_eps, offset=spec.norm_offset)
     out, cache = cache.write_attend(layer, q, k, v, positions, ops=ops, scale=spec.scale, window=spec.window,
                                     softcap=spec.softcap, kv_len=kv_len, prologue=prologue)
-    return ops.linear(out.reshape(b, t, -1), p.wo, p.bo), cache
+    return s, ops.linear(out.reshape(b, t, -1), p.wo, p.bo), cache
 
 
 def final_logits(x: jax.Array, norm: Array, lm_head: Array, logits_at: jax.Array | None, *, eps: float,

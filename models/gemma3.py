@@ -127,17 +127,15 @@ def forward(w: Weights, tokens: jax.Array, positions: jax.Array, cache: KVCache,
     eps = cfg.rms_norm_eps
     x = ops.embed(tokens, w.embed)
     x = x * jnp.asarray(math.sqrt(cfg.hidden_size), x.dtype)  # rounded to the weight dtype, as HF does
-    h = ops.rms_norm(x, w.layers[0].attn_norm, eps=eps, offset=1.0)
-    # Residual adds fused with the norm after them (`add_rms_norm`), as in models.llama.forward.
+    # Residual adds fused with the norm after them, as in models.llama.forward.
+    m = None
     for i, layer in enumerate(w.layers):
-        a, cache = self_attention(layer.attn, h, positions, cache, i, cfg.attn[i], ops, kv_len)
+        x, a, cache = self_attention(layer.attn, x, m, layer.attn_norm, positions, cache, i, cfg.attn[i], ops,
+                                     kv_len, eps=eps, norm_offset=1.0)
         a = ops.rms_norm(a, layer.post_attn_norm, eps=eps, offset=1.0)
         x, h = ops.add_rms_norm(x, a, layer.mlp_norm, eps=eps, offset=1.0)
         m = ops.gated_mlp(h, layer.mlp.gate, layer.mlp.up, layer.mlp.down, cfg.hidden_act)
         m = ops.rms_norm(m, layer.post_mlp_norm, eps=eps, offset=1.0)
-        if i + 1 < len(w.layers):
-            x, h = ops.add_rms_norm(x, m, w.layers[i + 1].attn_norm, eps=eps, offset=1.0)
-        else:
-            x = x + m
+    x = x + m
     return final_logits(x, w.norm, w.lm_head, logits_at, eps=eps, ops=ops, norm_offset=1.0,
                         softcap=cfg.final_logit_softcap), cache

@@ -262,17 +262,15 @@ def forward(w: Weights, tokens: jax.Array, positions: jax.Array, cache: KVCache,
     """tokens, positions [batch, T] -> float32 logits [batch, T or 1, vocab] and the updated cache."""
     eps = cfg.rms_norm_eps
     x = ops.embed(tokens, w.embed)
-    h = ops.rms_norm(x, w.layers[0].attn_norm, eps=eps)
     # Residual adds fused with the norm after them, as in models.llama.forward.
+    m = None
     for i, layer in enumerate(w.layers):
-        a, cache = self_attention(layer.attn, h, positions, cache, i, cfg.attn[i], ops, kv_len)
+        x, a, cache = self_attention(layer.attn, x, m, layer.attn_norm, positions, cache, i, cfg.attn[i], ops,
+                                     kv_len, eps=eps)
         x, h = ops.add_rms_norm(x, a, layer.mlp_norm, eps=eps)
         if isinstance(layer.mlp, Moe):
             m = moe_block(layer.mlp, h, cfg, ops)
         else:
             m = ops.gated_mlp(h, layer.mlp.gate, layer.mlp.up, layer.mlp.down, cfg.hidden_act)
-        if i + 1 < len(w.layers):
-            x, h = ops.add_rms_norm(x, m, w.layers[i + 1].attn_norm, eps=eps)
-        else:
-            x = x + m
+    x = x + m
     return final_logits(x, w.norm, w.lm_head, logits_at, eps=eps, ops=ops), cache
