@@ -15,10 +15,13 @@ Not partitionable: on a mesh XLA runs the matmul.
 
 `add_rms_norm_linear` -> `pallas_add_rms_norm_gemv` (pallas_kernels/linear/norm_gemv.py): the
 layer's residual add and input norm inside the qkv projection's GEMV, one kernel where the decode
-step ran two (the add-and-norm kernel, ~2 us, then the projection). It takes every dense weight
-the GEMV takes up to MAX_BYTES, narrow ones included: the GEMV ran Llama-3.1-8B's qkv [6144, 4096]
-about as fast as XLA (16.3 vs 15.5 + 1.2 us for the split-K sum), and the fusion saves the norm's
-kernel. Elsewhere the reference runs `add_rms_norm` and `linear`, each with its own kernels.
+step ran two, for the weights the plain GEMV takes (the same rules). In a decode profile on an H200
+(bench/results/norm_gemv_ab_*): Qwen3-30B-A3B's qkv 8.7-9.0 us where the add-and-norm kernel and
+the GEMV took 1.9 + 7.3 (GPU time a step 2.816-2.822 vs 2.845 ms). Llama-3.1-8B's narrower qkv
+[6144, 4096] took 18.4 us fused against 2.1 + 14.0 + 1.3 (norm, XLA's split-K GEMM and its sum):
+no gain (4.329 vs 4.337 ms a step; every other tile choice measured slower), so the narrow ones
+keep the separate kernels. Elsewhere the reference runs `add_rms_norm` and `linear`, each with
+its own kernels.
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ def _applies(x: Any, w: Any, bias: Any = None) -> str | None:
     reason = gemv.unsupported(x, w, bias)
     if reason is not None:
         return reason
+    return _measured_faster(w)
+
+
+def _measured_faster(w: jax.Array) -> str | None:
     n, k = w.shape
     if n < WIDE_RATIO * k:
         return f"weight [{n}, {k}] narrower than {WIDE_RATIO}x its inputs (XLA measured faster)"
@@ -64,11 +71,7 @@ def pallas_add_rms_norm_gemv(x: jax.Array, residual: jax.Array | None, norm_w: j
 def _norm_applies(x: Any, residual: Any, norm_w: Any, w: Any, bias: Any = None, *, eps: float,
                   offset: float = 0.0, ops: Any = None) -> str | None:
     reason = norm_gemv.unsupported(x, residual, norm_w, w, bias)
-    if reason is not None:
-        return reason
-    if w.size * w.dtype.itemsize > MAX_BYTES:
-        return f"weight of {w.size * w.dtype.itemsize >> 20} MiB > {MAX_BYTES >> 20} MiB (XLA streams it as fast)"
-    return None
+    return reason if reason is not None else _measured_faster(w)
 
 
 register("add_rms_norm_linear", Impl("pallas_add_rms_norm_gemv", pallas_add_rms_norm_gemv,
