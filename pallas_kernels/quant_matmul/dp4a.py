@@ -121,7 +121,7 @@ def dp4a_rows(x_ref, wrefs: dict, f, *, nsb: int, steps: int, base, m_rows: int,
 
     shape = (block_n, nsb, wrefs["sc"].shape[-1])
     acc0 = tuple(jnp.zeros(shape, jnp.float32) for _ in range(m_rows))
-    acc, _ = lax.fori_loop(0, steps, step, (acc0, load(jnp.int32(0)) if PREFETCH else None))
+    acc, _ = lax.fori_loop(0, steps, step, (acc0, load(0) if PREFETCH else None))
     return [jnp.sum(jnp.sum(a, axis=2), axis=1) for a in acc]
 
 
