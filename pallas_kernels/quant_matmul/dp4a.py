@@ -42,9 +42,6 @@ mov.b32 $3, 0;
 }}"""
 
 
-PREFETCH = True  # load step t + 1's weights before step t's arithmetic (see dp4a_rows)
-
-
 def _dp4a(codes: jax.Array, xs: list[jax.Array], bits: int, signed: bool, interpret: bool) -> jax.Array:
     """int32 with the same shape as `codes`, whose sum over the last axis is sum(q * x): the codes'
     elements times the int8 activations `xs` (low/high nibble halves for 4 bits, else one)."""
@@ -86,21 +83,10 @@ def dp4a_rows(x_ref, wrefs: dict, f, *, nsb: int, steps: int, base, m_rows: int,
     a_fields = f.split[0]
     block_n = block_n or wrefs["lo"].shape[0]
 
-    def load(t):  # step t's weight codes and group scales
+    def step(t, acc):
         blk = pl.ds(pl.multiple_of(base + t * nsb, nsb), nsb)
         s, o = group_scales(f, wrefs, blk, rows)  # [BN, nsb, R]
-        return s, o, wrefs["lo"][(*rows, blk, slice(None), 0, slice(None))]  # codes [BN, nsb, R, W]
-
-    def step(t, carry):
-        acc, cur = carry
-        blk = pl.ds(pl.multiple_of(base + t * nsb, nsb), nsb)
-        # The next step's weights are loaded before this step's arithmetic (the last step reloads
-        # its own, from L1): two steps' bytes in flight per program instead of one, since Triton
-        # does not pipeline loads that feed no tensor-core dot.
-        if PREFETCH:
-            (s, o, codes), nxt = cur, load(jnp.minimum(t + 1, steps - 1))
-        else:
-            (s, o, codes), nxt = load(t), cur
+        codes = wrefs["lo"][(*rows, blk, slice(None), 0, slice(None))]  # [BN, nsb, R, W]
         out = []
         for m in range(m_rows):
             xa = [x_ref[x_row + m, blk, :, a, 0, :].astype(jnp.float32) for a in range(a_fields)]  # [nsb, R, W]
@@ -117,11 +103,10 @@ def dp4a_rows(x_ref, wrefs: dict, f, *, nsb: int, steps: int, base, m_rows: int,
             if o is not None:
                 y = y - o * xsum[None]
             out.append(acc[m] + y)  # per group: the reduction across threads waits for the end
-        return tuple(out), nxt
+        return tuple(out)
 
     shape = (block_n, nsb, wrefs["sc"].shape[-1])
-    acc0 = tuple(jnp.zeros(shape, jnp.float32) for _ in range(m_rows))
-    acc, _ = lax.fori_loop(0, steps, step, (acc0, load(0) if PREFETCH else None))
+    acc = lax.fori_loop(0, steps, step, tuple(jnp.zeros(shape, jnp.float32) for _ in range(m_rows)))
     return [jnp.sum(jnp.sum(a, axis=2), axis=1) for a in acc]
 
 
