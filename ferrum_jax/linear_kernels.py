@@ -14,16 +14,14 @@ them, as it does prefill-sized x, quantized weights (their own kernels) and mixe
 Not partitionable: on a mesh XLA runs the matmul.
 
 `add_rms_norm_linear` -> `pallas_add_rms_norm_gemv` (pallas_kernels/linear/norm_gemv.py): the
-layer's residual add and input norm inside the next projection's GEMV (the attention's qkv, an MoE
-block's router, which also gets the normed row back for its experts), one kernel where the decode
-step ran two, for the weights the plain GEMV takes and for small ones (<= SMALL_BYTES). In decode
-profiles on an H200 (bench/results/norm_gemv_ab_*), Qwen3-30B-A3B at batch 1: the qkv 8.7-9.3 us
-where the add-and-norm kernel and the GEMV took 1.9 + 7.3, the router [128, 2048] 2.9-3.2 us where
-add_rms_norm and XLA's router matmul took 1.7-2.0 + 1.8-1.9 (GPU time a step 2.845 -> 2.831-2.841
--> 2.812-2.814 ms). Llama-3.1-8B's narrower qkv [6144, 4096] took 18.4 us fused against 2.1 + 14.0
-+ 1.3 (norm, XLA's split-K GEMM and its sum): no gain (4.329 vs 4.337 ms a step; every other tile
-choice measured slower), so the large narrow ones keep the separate kernels. Elsewhere the
-reference runs `add_rms_norm` and `linear`, each with its own kernels.
+layer's residual add and input norm inside the qkv projection's GEMV, one kernel where the decode
+step ran two, for the weights the plain GEMV takes (the same rules). In a decode profile on an H200
+(bench/results/norm_gemv_ab_*): Qwen3-30B-A3B's qkv 8.7-9.0 us where the add-and-norm kernel and
+the GEMV took 1.9 + 7.3 (GPU time a step 2.816-2.822 vs 2.845 ms). Llama-3.1-8B's narrower qkv
+[6144, 4096] took 18.4 us fused against 2.1 + 14.0 + 1.3 (norm, XLA's split-K GEMM and its sum):
+no gain (4.329 vs 4.337 ms a step; every other tile choice measured slower), so the narrow ones
+keep the separate kernels. Elsewhere the reference runs `add_rms_norm` and `linear`, each with
+its own kernels.
 """
 
 from __future__ import annotations

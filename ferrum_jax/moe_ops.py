@@ -2,10 +2,9 @@
 
 Two ops, so that a routing kernel and a grouped-matmul kernel can register separately:
 
-  moe_route(x [..., H], router [E, H]; top_k, norm_topk_prob, logits=None)
+  moe_route(x [..., H], router [E, H]; top_k, norm_topk_prob)
       -> weights float32 [..., k], ids int32 [..., k]
-      softmax over all E router logits (linear(x, router), or `logits` when the caller computed
-      them already, fused with the norm before; in float32), the top k of them, and with `norm_topk_prob`
+      softmax over all E router logits (in float32), the top k of them, and with `norm_topk_prob`
       divided by their sum. Mixtral's "softmax over the top-k logits" is the same as softmax, top k,
       renormalise, so it is this op with norm_topk_prob=True.
 
