@@ -235,13 +235,10 @@ class Ops:
         """(s, rms_norm(s, w)) with s = x + residual: a residual add and the norm after it (ferrum_jax.ops)."""
         return self.call("add_rms_norm", x, residual, w, eps=eps, offset=offset)
 
-    def add_rms_norm_linear(self, x, residual, norm_w, w, bias=None, *, eps: float, offset: float = 0.0,
-                            return_normed: bool = False):
+    def add_rms_norm_linear(self, x, residual, norm_w, w, bias=None, *, eps: float, offset: float = 0.0):
         """(s, linear(rms_norm(s, norm_w), w, bias)) with s = x + residual (x when residual is None):
-        a layer's residual add, input norm and first projection; with return_normed (s, normed sum,
-        projection) (ferrum_jax.ops)."""
-        return self.call("add_rms_norm_linear", x, residual, norm_w, w, bias, eps=eps, offset=offset,
-                         return_normed=return_normed, ops=self)
+        a layer's residual add, input norm and first projection (ferrum_jax.ops)."""
+        return self.call("add_rms_norm_linear", x, residual, norm_w, w, bias, eps=eps, offset=offset, ops=self)
 
     def rope(self, x, positions, rope):
         return self.call("rope", x, positions, rope)
@@ -252,20 +249,18 @@ class Ops:
     def gated_mlp(self, x, w_gate, w_up, w_down, kind: str):
         return self.call("gated_mlp", x, w_gate, w_up, w_down, kind, ops=self)
 
-    def moe_route(self, x, router, *, top_k: int, norm_topk_prob: bool, logits=None):
-        """Router logits -> top-k (float32 weights, int32 expert ids), each [..., top_k]; `logits`:
-        linear(x, router) when already computed (fused with the norm before it) (ferrum_jax.moe_ops)."""
-        return self.call("moe_route", x, router, top_k=top_k, norm_topk_prob=norm_topk_prob, logits=logits, ops=self)
+    def moe_route(self, x, router, *, top_k: int, norm_topk_prob: bool):
+        """Router logits -> top-k (float32 weights, int32 expert ids), each [..., top_k] (ferrum_jax.moe_ops)."""
+        return self.call("moe_route", x, router, top_k=top_k, norm_topk_prob=norm_topk_prob, ops=self)
 
     def moe_experts(self, x, ids, weights, w_gate, w_up, w_down, kind: str, *, expert_offset=0):
         """The routed expert MLPs of stacked [experts, out, in] weights, combined per token by `weights`."""
         return self.call("moe_experts", x, ids, weights, w_gate, w_up, w_down, kind, expert_offset=expert_offset,
                          ops=self)
 
-    def moe(self, x, router, w_gate, w_up, w_down, kind: str, *, top_k: int, norm_topk_prob: bool, expert_offset=0,
-            logits=None):
+    def moe(self, x, router, w_gate, w_up, w_down, kind: str, *, top_k: int, norm_topk_prob: bool, expert_offset=0):
         """A sparse MoE block: `moe_route` then `moe_experts`."""
-        weights, ids = self.moe_route(x, router, top_k=top_k, norm_topk_prob=norm_topk_prob, logits=logits)
+        weights, ids = self.moe_route(x, router, top_k=top_k, norm_topk_prob=norm_topk_prob)
         return self.moe_experts(x, ids, weights, w_gate, w_up, w_down, kind, expert_offset=expert_offset)
 
     def attention(self, q, k, v, q_positions, *, scale: float, window: int | None = None,

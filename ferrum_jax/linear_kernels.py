@@ -36,9 +36,6 @@ from pallas_kernels.linear import gemv, norm_gemv
 
 WIDE_RATIO = 2  # out_features / in_features from which the GEMV beat XLA at decode (H200)
 MAX_BYTES = 128 << 20  # larger weights: XLA streams them at the copy bandwidth
-# add_rms_norm_linear: narrow weights up to this size take the fused kernel too (an MoE router, 0.5 MB
-# for Qwen3-30B-A3B: latency-bound, so the saved add-and-norm kernel is the whole difference)
-SMALL_BYTES = 4 << 20
 
 
 def pallas_gemv(x: jax.Array, w: jax.Array, bias: jax.Array | None = None) -> jax.Array:
@@ -67,17 +64,14 @@ register("linear", Impl("pallas_gemv", pallas_gemv, platforms=frozenset({"gpu"})
 
 def pallas_add_rms_norm_gemv(x: jax.Array, residual: jax.Array | None, norm_w: jax.Array, w: jax.Array,
                              bias: jax.Array | None = None, *, eps: float, offset: float = 0.0,
-                             return_normed: bool = False, ops: Any = None) -> tuple[jax.Array, ...]:
-    return norm_gemv.add_rms_norm_gemv(x, residual, norm_w, w, bias, eps=eps, offset=offset,
-                                       return_normed=return_normed)
+                             ops: Any = None) -> tuple[jax.Array, jax.Array]:
+    return norm_gemv.add_rms_norm_gemv(x, residual, norm_w, w, bias, eps=eps, offset=offset)
 
 
 def _norm_applies(x: Any, residual: Any, norm_w: Any, w: Any, bias: Any = None, *, eps: float,
-                  offset: float = 0.0, return_normed: bool = False, ops: Any = None) -> str | None:
+                  offset: float = 0.0, ops: Any = None) -> str | None:
     reason = norm_gemv.unsupported(x, residual, norm_w, w, bias)
-    if reason is not None or w.size * w.dtype.itemsize <= SMALL_BYTES:
-        return reason
-    return _measured_faster(w)
+    return reason if reason is not None else _measured_faster(w)
 
 
 register("add_rms_norm_linear", Impl("pallas_add_rms_norm_gemv", pallas_add_rms_norm_gemv,

@@ -71,8 +71,7 @@ def _router_experts(router: Any) -> int:
     return int(shape[0])
 
 
-def _route_applies(x: Any, router: Any, *, top_k: int, norm_topk_prob: bool, ops: Any = None,
-                   logits: Any = None) -> str | None:
+def _route_applies(x: Any, router: Any, *, top_k: int, norm_topk_prob: bool, ops: Any = None) -> str | None:
     e = _router_experts(router)
     if not 1 <= e <= moe_route.MAX_EXPERTS:
         return f"{e} experts (1 to {moe_route.MAX_EXPERTS} in one block)"
@@ -81,10 +80,8 @@ def _route_applies(x: Any, router: Any, *, top_k: int, norm_topk_prob: bool, ops
     return None
 
 
-def pallas_route(x: jax.Array, router: Any, *, top_k: int, norm_topk_prob: bool, ops: Any,
-                 logits: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    logits = ops.linear(x, router) if logits is None else logits
-    return moe_route.route_topk(logits, top_k=top_k, norm_topk_prob=norm_topk_prob)
+def pallas_route(x: jax.Array, router: Any, *, top_k: int, norm_topk_prob: bool, ops: Any) -> tuple[jax.Array, jax.Array]:
+    return moe_route.route_topk(ops.linear(x, router), top_k=top_k, norm_topk_prob=norm_topk_prob)
 
 
 def _decode_quant_applies(x: Any, ids: Any, weights: Any, w_gate: Any, w_up: Any, w_down: Any, kind: str, *,

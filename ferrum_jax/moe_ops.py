@@ -44,9 +44,8 @@ from ferrum_jax.quant.qweight import QuantWeight
 PACKED = (GGUFWeight, QuantWeight)  # stacks that stay packed on device and decode where they are used
 
 
-def moe_route(x: jax.Array, router: jax.Array, *, top_k: int, norm_topk_prob: bool, ops,
-              logits: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    logits = (ops.linear(x, router) if logits is None else logits).astype(jnp.float32)
+def moe_route(x: jax.Array, router: jax.Array, *, top_k: int, norm_topk_prob: bool, ops) -> tuple[jax.Array, jax.Array]:
+    logits = ops.linear(x, router).astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
     weights, ids = jax.lax.top_k(probs, top_k)
     if norm_topk_prob:

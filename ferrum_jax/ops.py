@@ -50,17 +50,15 @@ def add_rms_norm(x: jax.Array, residual: jax.Array, w: jax.Array, *, eps: float,
 
 
 def add_rms_norm_linear(x: jax.Array, residual: jax.Array | None, norm_w: jax.Array, w, bias=None, *, eps: float,
-                        offset: float = 0.0, return_normed: bool = False, ops) -> tuple[jax.Array, ...]:
+                        offset: float = 0.0, ops) -> tuple[jax.Array, jax.Array]:
     """A residual add, the norm after it and the projection of the normed sum: (s, linear(rms_norm(s,
-    norm_w), w, bias)) with s = x + residual (x when residual is None); with return_normed,
-    (s, the normed sum, the projection). One op so a GPU kernel can do all three at decode; here
-    `add_rms_norm` (or `rms_norm`) and `linear` through `ops`."""
+    norm_w), w, bias)) with s = x + residual (x when residual is None). One op so a GPU kernel can
+    do all three at decode; here `add_rms_norm` (or `rms_norm`) and `linear` through `ops`."""
     if residual is None:
         s, normed = x, ops.rms_norm(x, norm_w, eps=eps, offset=offset)
     else:
         s, normed = ops.add_rms_norm(x, residual, norm_w, eps=eps, offset=offset)
-    y = ops.linear(normed, w, bias)
-    return (s, normed, y) if return_normed else (s, y)
+    return s, ops.linear(normed, w, bias)
 
 
 def rope(x: jax.Array, positions: jax.Array, rope: Rope) -> jax.Array:

@@ -242,15 +242,14 @@ def build_weights(cfg: Config, t: Mapping[str, Any]) -> Weights:
                    lm_head=embed if cfg.tie_word_embeddings else t["lm_head.weight"])
 
 
-def moe_block(m: Moe, x: jax.Array, cfg: Config, ops: Ops, logits: jax.Array | None = None) -> jax.Array:
-    """The sparse MLP of normed x; `logits`: x's router logits when already computed."""
+def moe_block(m: Moe, x: jax.Array, cfg: Config, ops: Ops) -> jax.Array:
     if cfg.mesh is None:
         out = ops.moe(x, m.router, m.gate, m.up, m.down, cfg.hidden_act, top_k=cfg.top_k,
-                      norm_topk_prob=cfg.norm_topk_prob, logits=logits)
+                      norm_topk_prob=cfg.norm_topk_prob)
     else:  # routing replicated, each device runs its experts (and F slice), psum (ferrum_jax.sharding)
         from ferrum_jax.sharding import moe_experts_sharded
 
-        weights, ids = ops.moe_route(x, m.router, top_k=cfg.top_k, norm_topk_prob=cfg.norm_topk_prob, logits=logits)
+        weights, ids = ops.moe_route(x, m.router, top_k=cfg.top_k, norm_topk_prob=cfg.norm_topk_prob)
         out = moe_experts_sharded(cfg.mesh, ops, x, ids, weights, m.gate, m.up, m.down, cfg.hidden_act)
     if m.shared is not None:
         shared = ops.gated_mlp(x, m.shared.gate, m.shared.up, m.shared.down, cfg.hidden_act)
@@ -268,11 +267,10 @@ def forward(w: Weights, tokens: jax.Array, positions: jax.Array, cache: KVCache,
     for i, layer in enumerate(w.layers):
         x, a, cache = self_attention(layer.attn, x, m, layer.attn_norm, positions, cache, i, cfg.attn[i], ops,
                                      kv_len, eps=eps)
-        if isinstance(layer.mlp, Moe):  # the add and the norm go with the router (one kernel at decode)
-            x, h, logits = ops.add_rms_norm_linear(x, a, layer.mlp_norm, layer.mlp.router, eps=eps, return_normed=True)
-            m = moe_block(layer.mlp, h, cfg, ops, logits)
+        x, h = ops.add_rms_norm(x, a, layer.mlp_norm, eps=eps)
+        if isinstance(layer.mlp, Moe):
+            m = moe_block(layer.mlp, h, cfg, ops)
         else:
-            x, h = ops.add_rms_norm(x, a, layer.mlp_norm, eps=eps)
             m = ops.gated_mlp(h, layer.mlp.gate, layer.mlp.up, layer.mlp.down, cfg.hidden_act)
     x = x + m
     return final_logits(x, w.norm, w.lm_head, logits_at, eps=eps, ops=ops), cache

@@ -5,9 +5,7 @@ At decode the add and the norm are a separate kernel of ~2 us (pallas_kernels/no
 whose output, a few KB, only feeds the projection. Here every program of the GEMV (gemv.py's grid
 and tiles) issues its weight loads first, then reads the whole row of x (and the residual) from L2,
 reduces its sum of squares while the weight bytes are in flight, and multiplies the weight tiles
-by the normalized row. Program (0, i) writes row i of s, the residual stream the layer goes on with,
-and, when asked, of the normalized row (an MoE block's router is the projection; its experts take
-the normalized row).
+by the normalized row. Program (0, i) writes row i of s, the residual stream the layer goes on with.
 
 The normalized row is rounded to x's dtype before the products, as `ops.rms_norm` hands it to
 `ops.linear`; only the reduction orders differ from the reference (`reference`, which runs
@@ -39,8 +37,7 @@ def unsupported(x, residual, norm_w, w, bias=None) -> str | None:
     return None
 
 
-def _kernel(*refs, block_k: int, steps: int, eps: float, offset: float, has_residual: bool, has_bias: bool,
-            return_normed: bool):
+def _kernel(*refs, block_k: int, steps: int, eps: float, offset: float, has_residual: bool, has_bias: bool):
     it = iter(refs)
     x_ref = next(it)
     r_ref = next(it) if has_residual else None
@@ -48,7 +45,6 @@ def _kernel(*refs, block_k: int, steps: int, eps: float, offset: float, has_resi
     b_ref = next(it) if has_bias else None
     o_ref = next(it)
     s_ref = next(it) if has_residual else None
-    n_ref = next(it) if return_normed else None
     j, i = pl.program_id(0), pl.program_id(1)
     (bn,) = o_ref.shape
     n0 = pl.multiple_of(j * bn, bn)
@@ -65,33 +61,27 @@ def _kernel(*refs, block_k: int, steps: int, eps: float, offset: float, has_resi
         sf = row(c).astype(jnp.float32)
         squares = squares + sf * sf
     inv = jax.lax.rsqrt(jnp.sum(squares) / (steps * block_k) + eps)
-    def normed(c):  # a slice of the normalized row, rounded to x's dtype as ops.rms_norm returns it
-        return (row(c).astype(jnp.float32) * inv * (offset + nw_ref[c].astype(jnp.float32))).astype(x_ref.dtype)
-
     acc = jnp.zeros((bn, block_k), jnp.float32)
     for c, w in zip(cols, tiles):
-        acc = acc + w.astype(jnp.float32) * normed(c).astype(jnp.float32)[None, :]
+        normed = (row(c).astype(jnp.float32) * inv * (offset + nw_ref[c].astype(jnp.float32))).astype(x_ref.dtype)
+        acc = acc + w.astype(jnp.float32) * normed.astype(jnp.float32)[None, :]
     y = jnp.sum(acc, axis=1).astype(o_ref.dtype)
     if has_bias:  # as the reference: the bias added in the output dtype
         y = y + b_ref[pl.ds(n0, bn)].astype(o_ref.dtype)
     o_ref[...] = y
-    if has_residual or return_normed:
+    if has_residual:
         @pl.when(j == 0)
         def _():
             for c in cols:
-                if has_residual:
-                    s_ref[i, c] = row(c)
-                if return_normed:
-                    n_ref[i, c] = normed(c)
+                s_ref[i, c] = row(c)
 
 
-@partial(jax.jit, static_argnames=("eps", "offset", "return_normed", "config", "interpret"))
+@partial(jax.jit, static_argnames=("eps", "offset", "config", "interpret"))
 def add_rms_norm_gemv(x: jax.Array, residual: jax.Array | None, norm_w: jax.Array, w: jax.Array,
-                      bias: jax.Array | None = None, *, eps: float, offset: float = 0.0, return_normed: bool = False,
-                      config: GemvConfig | None = None, interpret: bool = False) -> tuple[jax.Array, ...]:
+                      bias: jax.Array | None = None, *, eps: float, offset: float = 0.0,
+                      config: GemvConfig | None = None, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """(s, rms_norm(s, norm_w) @ w^T (+ bias)) with s = x + residual (x when residual is None);
-    with return_normed, (s, rms_norm(s, norm_w), the product). x [..., K] of at most
-    gemv.MAX_ROWS rows, w [N, K], norm_w [K]."""
+    x [..., K] of at most gemv.MAX_ROWS rows, w [N, K], norm_w [K]."""
     reason = unsupported(x, residual, norm_w, w, bias)
     if reason is not None:
         raise ValueError(f"add_rms_norm_gemv: {reason}")
@@ -104,7 +94,7 @@ def add_rms_norm_gemv(x: jax.Array, residual: jax.Array | None, norm_w: jax.Arra
     args += [bias] if bias is not None else []
     out_specs = [pl.BlockSpec((None, cfg.block_n), lambda j, i: (i, j))]
     out_shape = [jax.ShapeDtypeStruct((rows, n), x.dtype)]
-    for _ in range((residual is not None) + return_normed):  # s, normed: whole rows, written by programs (0, i)
+    if residual is not None:
         out_specs.append(pl.BlockSpec((rows, k), lambda j, i: (0, 0)))
         out_shape.append(jax.ShapeDtypeStruct((rows, k), x.dtype))
     params = {}
@@ -113,7 +103,7 @@ def add_rms_norm_gemv(x: jax.Array, residual: jax.Array | None, norm_w: jax.Arra
         params = {"compiler_params": pl_triton.CompilerParams(num_warps=cfg.num_warps, num_stages=1)}
     outs = pl.pallas_call(
         partial(_kernel, block_k=cfg.block_k, steps=k // cfg.block_k, eps=float(eps), offset=float(offset),
-                has_residual=residual is not None, has_bias=bias is not None, return_normed=return_normed),
+                has_residual=residual is not None, has_bias=bias is not None),
         grid=(n // cfg.block_n, rows),
         in_specs=[whole(a) for a in args],
         out_specs=out_specs,
@@ -122,20 +112,18 @@ def add_rms_norm_gemv(x: jax.Array, residual: jax.Array | None, norm_w: jax.Arra
         name="add_rms_norm_gemv",
         **params,
     )(*args)
-    y, rest = outs[0].reshape(*x.shape[:-1], n), list(outs[1:])
-    s = rest.pop(0).reshape(x.shape) if residual is not None else x
-    return (s, rest.pop(0).reshape(x.shape), y) if return_normed else (s, y)
+    s = outs[1].reshape(x.shape) if residual is not None else x
+    return s, outs[0].reshape(*x.shape[:-1], n)
 
 
 def reference(x: jax.Array, residual: jax.Array | None, norm_w: jax.Array, w, bias=None, *, eps: float,
-              offset: float = 0.0, return_normed: bool = False) -> tuple[jax.Array, ...]:
+              offset: float = 0.0) -> tuple[jax.Array, jax.Array]:
     """The oracle: `ops.add_rms_norm` (or `rms_norm`), then `ops.linear`, in jnp."""
     if residual is None:
         s, normed = x, ref_ops.rms_norm(x, norm_w, eps=eps, offset=offset)
     else:
         s, normed = ref_ops.add_rms_norm(x, residual, norm_w, eps=eps, offset=offset)
-    y = ref_ops.linear(normed, w, bias)
-    return (s, normed, y) if return_normed else (s, y)
+    return s, ref_ops.linear(normed, w, bias)
 
 
 __all__ = ["add_rms_norm_gemv", "reference", "unsupported"]
