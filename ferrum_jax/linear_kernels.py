@@ -17,11 +17,13 @@ Not partitionable: on a mesh XLA runs the matmul.
 layer's residual add and input norm inside the qkv projection's GEMV, one kernel where the decode
 step ran two, for the weights the plain GEMV takes (the same rules). In a decode profile on an H200
 (bench/results/norm_gemv_ab_*): Qwen3-30B-A3B's qkv 8.7-9.0 us where the add-and-norm kernel and
-the GEMV took 1.9 + 7.3 (GPU time a step 2.816-2.822 vs 2.845 ms). Llama-3.1-8B's narrower qkv
-[6144, 4096] took 18.4 us fused against 2.1 + 14.0 + 1.3 (norm, XLA's split-K GEMM and its sum):
-no gain (4.329 vs 4.337 ms a step; every other tile choice measured slower), so the narrow ones
-keep the separate kernels. Elsewhere the reference runs `add_rms_norm` and `linear`, each with
-its own kernels.
+the GEMV took 1.9 + 7.3 (GPU time a step 2.816-2.822 vs 2.845 ms; end to end within the run-to-run
+noise, 357-362 tok/s either way). Llama-3.1-8B's narrower qkv [6144, 4096] took 18.4 us fused
+against 2.1 + 14.0 + 1.3 (norm, XLA's split-K GEMM and its sum): no gain (4.329 vs 4.337 ms a step;
+every other tile choice measured slower), so the narrow ones keep the separate kernels. The same
+fusion with an MoE router (returning the normed row for the experts) saved ~0.6 us a layer in the
+profile and nothing end to end: not kept. Elsewhere the reference runs `add_rms_norm` and
+`linear`, each with its own kernels.
 """
 
 from __future__ import annotations
