@@ -8,8 +8,9 @@ reduces its sum of squares while the weight bytes are in flight, and multiplies 
 by the normalized row. Program (0, i) writes row i of s, the residual stream the layer goes on with.
 
 The normalized row is rounded to x's dtype before the products, as `ops.rms_norm` hands it to
-`ops.linear`; only the reduction orders differ from the reference (`reference`, which runs
-`add_rms_norm` / `rms_norm` and `linear` through the ops, so their own kernels where they apply).
+`ops.linear`; only the reduction orders differ from `reference` (ferrum_jax.ops' add_rms_norm or
+rms_norm, then linear, in jnp). The op's XLA implementation (`ferrum_jax.ops.add_rms_norm_linear`)
+calls the same two ops through the dispatch, so each takes its own kernel where this one declines.
 """
 
 from __future__ import annotations
