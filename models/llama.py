@@ -119,10 +119,10 @@ def forward(w: Weights, tokens: jax.Array, positions: jax.Array, cache: KVCache,
     """tokens, positions [batch, T] -> float32 logits [batch, T or 1, vocab] and the updated cache."""
     eps = cfg.rms_norm_eps
     x = ops.embed(tokens, w.embed)
-    # Every residual add is fused with the norm after it: the MLP's (and the attention input norm)
-    # with the qkv projection (`add_rms_norm_linear`), the attention's with the MLP norm
-    # (`add_rms_norm`); the last one stays apart, because final_logits norms only the positions it
-    # projects.
+    # Every residual add is fused with the norm after it: the MLP's with the next layer's attention
+    # norm and qkv projection (`add_rms_norm_linear`, inside self_attention), the attention's with
+    # the MLP norm (`add_rms_norm`); the last one stays apart, because final_logits norms only the
+    # positions it projects.
     m = None
     for i, layer in enumerate(w.layers):
         x, a, cache = self_attention(layer.attn, x, m, layer.attn_norm, positions, cache, i, cfg.attn[i], ops,
