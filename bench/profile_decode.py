@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--sequence", type=int, default=0, metavar="N",
                     help="also print N consecutive kernels of the last step in launch order (one layer's worth)")
     ap.add_argument("--hlo", default="", metavar="PATH", help="write the optimized HLO of the decode program here")
+    ap.add_argument("--args", default="", metavar="KERNEL",
+                    help="print the trace details (and launch-order neighbours) of 3 calls of this kernel group")
     ap.add_argument("--force", default="", metavar="OP=IMPL,...", help="pin ops, e.g. decode_attention_append=xla")
     args = ap.parse_args()
     ops = Ops(force=tuple(tuple(p.split("=", 1)) for p in args.force.split(",") if p))
@@ -89,6 +91,13 @@ def main() -> None:
           f"GPU kernels {busy / args.steps / 1e3:.3f} ms/step, {sum(v[1] for v in by.values()) / args.steps:.0f} kernels/step")
     for name, (dur, count) in sorted(by.items(), key=lambda kv: -kv[1][0])[:25]:
         print(f"  {dur / args.steps:9.1f} us/step {count / args.steps:6.1f}/step  {dur / count:7.1f} us each  {name}")
+    if args.args:
+        events.sort(key=lambda e: e["ts"])
+        hits = [i for i, e in enumerate(events) if group(e["name"]) == args.args][:3]
+        for i in hits:
+            print(f"{args.args}: {json.dumps(events[i].get('args', {}))[:600]}")
+            print("  after " + ", ".join(group(e["name"]) for e in events[max(i - 3, 0):i])
+                  + "; before " + ", ".join(group(e["name"]) for e in events[i + 1:i + 3]))
     if args.sequence:
         # The middle of the last step: a layer away from the loop's first and last kernels.
         events.sort(key=lambda e: e["ts"])

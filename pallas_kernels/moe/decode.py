@@ -9,11 +9,12 @@ gather-and-sum of the slots afterwards cost more than the matmuls at batch 1. He
            contiguous inputs) in block_k steps, multiplies them by the token's x (elementwise FMAs,
            float32) and reduces along the row: act[i, cols] = act_fn(g) * u, in x's dtype. An entry
            routed outside the local experts (expert parallel) reads nothing and stores zeros.
-  down     grid (H / block_n, T*k). Program (j, i) streams rows [j*block_n, (j+1)*block_n) of entry
-           i's [E, H, F] down matrix, times the entry's act row, scaled by its routing weight:
-           float32 y[i, cols]; an XLA sum over each token's k rows (one small fusion) combines them.
-           (Summing the slots inside one program per token measured 2x slower at batch 1 on an
-           H200: 8x fewer programs, each walking 8 experts' tiles one after another.)
+  down     grid (H / block_n, T). Program (j, t) streams rows [j*block_n, (j+1)*block_n) of the
+           [E, H, F] down matrix of each of token t's k entries, times the entry's act row scaled
+           by its routing weight, and sums them: out[t, cols] in x's dtype. The k slots are
+           unrolled, so all k experts' tiles are in flight at once (a loop over the slots, one
+           expert after another, measured 2x slower at batch 1 on an H200), and no XLA sum over
+           the slots follows.
 
 Both stream each selected expert's weights exactly once per token, with many programs (the grid's
 second axis is the entry / token, the first the output tile) to keep enough bytes in flight. An
@@ -47,10 +48,10 @@ class GemvTiles:
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
     # H200, Qwen3-30B-A3B at batch 1, in a decode profile (bench/results/moe_decode_tiles_ab_*):
-    # gate_up 15.7 us (18.0 with the (16, 512, 8) of the standalone sweep once the accumulator is
-    # reduced only at the end), down 9.0 us (9.5 with (8, 256, 4)).
-    gate_up: GemvTiles = GemvTiles(8, 1024, 4, 1)
-    down: GemvTiles = GemvTiles(4, 256, 4, 1)
+    # gate_up 15.2 us (15.8 at (8, 1024, 4), 18.9 with 8 warps); down, the slots summed in the
+    # kernel, 8.8 us at one row and one warp a program (9.1 with 4 warps, 11.9-15.6 at 2-4 rows).
+    gate_up: GemvTiles = GemvTiles(4, 1024, 2, 1)
+    down: GemvTiles = GemvTiles(1, 256, 1, 1)
 
 
 def _fit(dim: int, want: int) -> int:
@@ -126,25 +127,26 @@ def _gate_up_kernel(ids_ref, off_ref, x_ref, wg_ref, wu_ref, o_ref, *, top_k: in
         o_ref[...] = jnp.zeros((bn,), o_ref.dtype)
 
 
-def _down_kernel(ids_ref, rw_ref, off_ref, a_ref, w_ref, o_ref, *, experts: int, block_k: int, chunks: int):
-    j, i = pl.program_id(0), pl.program_id(1)
+def _down_kernel(ids_ref, rw_ref, off_ref, a_ref, w_ref, o_ref, *, experts: int, top_k: int, block_k: int,
+                 chunks: int):
+    from jax.experimental.pallas import triton as pl_triton
+
+    j, t = pl.program_id(0), pl.program_id(1)
     (bn,) = o_ref.shape
     n0 = pl.multiple_of(j * bn, bn)
-    local = ids_ref[i] - off_ref[0]
-    mine = (local >= 0) & (local < experts)
-
-    @pl.when(mine)
-    def _():
-        acc = jnp.zeros((bn, block_k), jnp.float32)
-        for c in range(chunks):  # unrolled, as in the gate_up kernel: all loads in flight together
-            a = a_ref[i, pl.ds(c * block_k, block_k)].astype(jnp.float32)[None, :]
-            w = w_ref[local, pl.ds(n0, bn), pl.ds(c * block_k, block_k)].astype(jnp.float32)
-            acc = acc + w * a
-        o_ref[...] = jnp.sum(acc, axis=1) * rw_ref[i]
-
-    @pl.when(jnp.logical_not(mine))
-    def _():
-        o_ref[...] = jnp.zeros((bn,), o_ref.dtype)
+    acc = jnp.zeros((bn, block_k), jnp.float32)
+    for s in range(top_k):  # unrolled, as the chunks: every slot's tiles in flight together
+        i = t * top_k + s
+        local = ids_ref[i] - off_ref[0]
+        mine = (local >= 0) & (local < experts)
+        e = jnp.clip(local, 0, experts - 1)  # in range; another shard's entry loads nothing (mask)
+        scale = jnp.where(mine, rw_ref[i], 0.0)
+        for c in range(chunks):
+            a = a_ref[i, pl.ds(c * block_k, block_k)].astype(jnp.float32)[None, :] * scale
+            w = pl_triton.load(w_ref.at[e, pl.ds(n0, bn), pl.ds(c * block_k, block_k)],
+                               mask=jnp.full((bn, block_k), mine), other=jnp.zeros((), w_ref.dtype))
+            acc = acc + w.astype(jnp.float32) * a
+    o_ref[...] = jnp.sum(acc, axis=1).astype(o_ref.dtype)
 
 
 def _params(tiles: GemvTiles, interpret: bool) -> dict:
@@ -185,20 +187,20 @@ def gate_up(x: jax.Array, ids: jax.Array, expert_offset: jax.Array, w_gate: jax.
 
 
 def down(act: jax.Array, ids: jax.Array, weights: jax.Array, expert_offset: jax.Array, w_down: jax.Array, *,
-         tiles: GemvTiles, interpret: bool = False) -> jax.Array:
-    """y float32 [T*k, H]: weight * (act_row w_down_e^T) for each entry (zeros for other shards'
-    entries). act [T*k, F] from `gate_up`; ids, weights [T*k] flat."""
+         top_k: int, out_dtype, tiles: GemvTiles, interpret: bool = False) -> jax.Array:
+    """out [T, H] in out_dtype: sum over each token's k entries of weight * (act_row w_down_e^T)
+    (other shards' entries add nothing). act [T*k, F] from `gate_up`; ids, weights [T*k] flat."""
     nk, f = act.shape
     e, h, _ = w_down.shape
     bn, bk = tiles.block_n, tiles.block_k
     if h % bn or f % bk:
         raise ValueError(f"down: tiles {bn} x {bk} do not divide H {h} x F {f}")
     return pl.pallas_call(
-        partial(_down_kernel, experts=e, block_k=bk, chunks=f // bk),
-        grid=(h // bn, nk),
+        partial(_down_kernel, experts=e, top_k=top_k, block_k=bk, chunks=f // bk),
+        grid=(h // bn, nk // top_k),
         in_specs=[_whole(ids), _whole(weights), _whole(expert_offset), _whole(act), _whole(w_down)],
-        out_specs=pl.BlockSpec((None, bn), lambda j, i: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((nk, h), jnp.float32),
+        out_specs=pl.BlockSpec((None, bn), lambda j, t: (t, j)),
+        out_shape=jax.ShapeDtypeStruct((nk // top_k, h), out_dtype),
         interpret=interpret,
         name="moe_decode_down",
         **_params(tiles, interpret),
@@ -225,20 +227,24 @@ def moe_experts_decode(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate:
 def _run(x, ids, weights, w_gate, w_up, w_down, expert_offset, *, kind: str, config: DecodeConfig,
          interpret: bool) -> jax.Array:
     return entries_moe(gate_up, down, x, ids, weights, w_gate, w_up, w_down, expert_offset, kind=kind, config=config,
-                       interpret=interpret)
+                       down_sums=True, interpret=interpret)
 
 
 def entries_moe(gate_up, down, x, ids, weights, w_gate, w_up, w_down, expert_offset, *, kind: str, config,
-                interpret: bool) -> jax.Array:
+                down_sums: bool, interpret: bool) -> jax.Array:
     """The decode kernels' flow (also decode_quant.py's): `gate_up` over the flat (token, slot)
-    entries, `down` scaled by each entry's routing weight, XLA's sum over each token's k rows."""
+    entries, then `down` scaled by each entry's routing weight: summed over each token's k slots
+    by the kernel (`down_sums`: out [T, H] in x's dtype) or by XLA (float32 rows [T*k, H])."""
     k, h = ids.shape[-1], x.shape[-1]
     xs = x.reshape(-1, h)
     flat_ids = ids.reshape(-1).astype(jnp.int32)
     act = gate_up(xs, flat_ids, expert_offset, w_gate, w_up, kind, top_k=k, tiles=config.gate_up,
                   interpret=interpret)
-    y = down(act, flat_ids, weights.reshape(-1).astype(jnp.float32), expert_offset, w_down, tiles=config.down,
-             interpret=interpret)
+    flat_w = weights.reshape(-1).astype(jnp.float32)
+    if down_sums:
+        return down(act, flat_ids, flat_w, expert_offset, w_down, top_k=k, out_dtype=x.dtype, tiles=config.down,
+                    interpret=interpret).reshape(x.shape)
+    y = down(act, flat_ids, flat_w, expert_offset, w_down, tiles=config.down, interpret=interpret)
     return jnp.sum(y.reshape(-1, k, h), axis=1).astype(x.dtype).reshape(x.shape)
 
 

@@ -221,7 +221,7 @@ def moe_experts_decode_quant(x: jax.Array, ids: jax.Array, weights: jax.Array, w
 def _run(x, ids, weights, w_gate, w_up, w_down, expert_offset, *, kind: str, config: QuantDecodeConfig,
          interpret: bool) -> jax.Array:
     return entries_moe(gate_up, down, x, ids, weights, w_gate, w_up, w_down, expert_offset, kind=kind, config=config,
-                       interpret=interpret)
+                       down_sums=False, interpret=interpret)
 
 
 __all__ = ["QuantDecodeConfig", "down", "gate_up", "moe_experts_decode_quant", "unsupported", "variant"]
