@@ -176,6 +176,19 @@ def test_choose_config_cuts_tiles_to_fit():
     assert (odd.gate_up.block_n, odd.gate_up.block_k, odd.down.block_n, odd.down.block_k) == (8, 32, 32, 8)
 
 
+def test_choose_config_gives_wide_down_programs_more_warps():
+    """The down program's k slots x F inputs are in flight at once: the default's one warp holds
+    Qwen3-30B-A3B's (8 x 768 bf16: 384 bytes a thread); Mixtral's 2 x 14336 take 4 warps
+    (448 bytes a thread); float32 stacks twice the bytes; an explicit config keeps its warps."""
+    qwen = moe_decode.choose_config(2048, 768, top_k=8, itemsize=2).down
+    assert (qwen.block_n, qwen.num_warps) == (1, 1)
+    assert moe_decode.choose_config(4096, 14336, top_k=2, itemsize=2).down.num_warps == 4
+    assert moe_decode.choose_config(2048, 768, top_k=8, itemsize=4).down.num_warps == 2
+    assert moe_decode.choose_config(2048, 14336, top_k=8, itemsize=4).down.num_warps == 8  # capped
+    given = moe_decode.DecodeConfig(moe_decode.GemvTiles(8, 1024), moe_decode.GemvTiles(1, 256, 1))
+    assert moe_decode.choose_config(4096, 14336, given, top_k=2).down.num_warps == 1
+
+
 # --- CUDA lowering at Qwen3-30B-A3B shapes ----------------------------------------------------------------
 
 @pytest.mark.parametrize("t", [1, 4])

@@ -73,12 +73,27 @@ def _fit_k(dim: int, want: int) -> int:
     return v
 
 
-def choose_config(hidden: int, ff: int, config: DecodeConfig | None = None) -> DecodeConfig:
+# A down program has all its k slots' weight rows in flight at once (unrolled loads). The default
+# one-warp program keeps Qwen3-30B-A3B's 8 x 768 bf16 inputs at 384 bytes a thread; wider experts
+# (Mixtral's F = 14336) get more warps, so each thread's share stays under this (no spills).
+MAX_DOWN_BYTES_PER_THREAD = 512
+
+
+def choose_config(hidden: int, ff: int, config: DecodeConfig | None = None, *, top_k: int = 1,
+                  itemsize: int = 2) -> DecodeConfig:
     """`config` (default: DecodeConfig()) with each tile cut down to divide the projection (and
-    block_k grown where more than MAX_UNROLL loads would cover the input)."""
+    block_k grown where more than MAX_UNROLL loads would cover the input). The default's down
+    program also takes more warps where its k slots' rows (`itemsize` bytes each) would exceed
+    MAX_DOWN_BYTES_PER_THREAD; a config given is kept as it is there."""
     c = config or DecodeConfig()
     gu = dataclasses.replace(c.gate_up, block_n=_fit(ff, c.gate_up.block_n), block_k=_fit_k(hidden, c.gate_up.block_k))
     dn = dataclasses.replace(c.down, block_n=_fit(hidden, c.down.block_n), block_k=_fit_k(ff, c.down.block_k))
+    if config is None:
+        per_program = dn.block_n * ff * top_k * itemsize
+        warps = dn.num_warps
+        while warps < 8 and warps * 32 * MAX_DOWN_BYTES_PER_THREAD < per_program:
+            warps *= 2
+        dn = dataclasses.replace(dn, num_warps=warps)
     return DecodeConfig(gu, dn)
 
 
@@ -218,7 +233,7 @@ def moe_experts_decode(x: jax.Array, ids: jax.Array, weights: jax.Array, w_gate:
     if reason is not None:
         raise ValueError(f"moe_experts_decode: {reason}")
     f = w_down.shape[2]
-    cfg = choose_config(x.shape[-1], f, config)
+    cfg = choose_config(x.shape[-1], f, config, top_k=ids.shape[-1], itemsize=jnp.dtype(w_down.dtype).itemsize)
     return _run(x, ids, weights, w_gate, w_up, w_down, jnp.asarray(expert_offset, jnp.int32).reshape(1),
                 kind=kind, config=cfg, interpret=interpret)
 
