@@ -108,4 +108,5 @@ def main() -> None:
             print(f"  {e['dur']:7.1f}  +{e['ts'] - prev['ts'] - prev['dur']:5.1f}  {e['name'][:90]}")
 
 
-main()
+if __name__ == "__main__":
+    main()

@@ -130,6 +130,8 @@ class Ops:
     exact: skip implementations that trade accuracy for speed beyond float rounding (the integer-dot
         kernels of quantized weights at decode, which round the activations to int8 per weight
         group: ~1e-2 relative error); the exact kernels or references run instead.
+    xla_options: ((name, value), ...) XLA compiler options added to every decode program's, e.g.
+        (("xla_gpu_enable_pdl", True),) to measure an XLA feature (bench/decode_ab.py).
     """
 
     platform: str | None = None
@@ -137,6 +139,7 @@ class Ops:
     mesh: jax.sharding.Mesh | None = None
     cublas_from_rows: int | None = 64
     exact: bool = False
+    xla_options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def sharded(self) -> bool:
@@ -154,11 +157,14 @@ class Ops:
                 raise ValueError(f"Ops(exact=True, force=...): {op}'s {name!r} is approximate ({why})")
 
     def compiler_options(self, rows: int) -> dict[str, Any] | None:
-        """XLA compiler options for a decode program of `rows` rows (see `cublas_from_rows`)."""
+        """XLA compiler options for a decode program of `rows` rows (see `cublas_from_rows`), plus
+        `xla_options`."""
         platform = (self.platform or jax.default_backend()).lower()
+        options = {}
         if platform == "gpu" and self.cublas_from_rows is not None and rows >= self.cublas_from_rows:
-            return {"xla_gpu_enable_triton_gemm": False}
-        return None
+            options["xla_gpu_enable_triton_gemm"] = False
+        options.update(self.xla_options)
+        return options or None
 
     def choose(self, op: str, *args: Any, **kwargs: Any) -> tuple[Impl, Choice]:
         if op not in _TABLE:

@@ -435,3 +435,38 @@ def test_sharded_bench_refuses_expert_parallel_on_a_dense_shape():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# ---- bench/decode_ab.py: decode variants side by side in one process ---------------------------
+
+def test_ops_xla_options_join_the_decode_compiler_options():
+    from ferrum_jax.backend import Ops
+    assert Ops(platform="cpu").compiler_options(1) is None
+    assert Ops(platform="cpu", xla_options=(("xla_gpu_enable_pdl", True),)).compiler_options(1) == {
+        "xla_gpu_enable_pdl": True}
+    assert Ops(platform="gpu", xla_options=(("xla_gpu_enable_pdl", True),)).compiler_options(64) == {
+        "xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_pdl": True}
+
+
+def test_decode_ab_smoke(tmp_path):
+    """Two variants of llama-tiny (one pinning linear to XLA, one with an XLA option) on the CPU: the
+    JSON names both with their rounds, a bad variant is refused with the item that is wrong."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "decode_ab.py"
+    out = tmp_path / "ab.json"
+    proc = subprocess.run([sys.executable, str(script), "--shape", "llama-tiny", "--dtype", "f32", "--context", "16",
+                           "--steps", "2", "--runs", "1", "--rounds", "2", "--variant", "base=",
+                           "--variant", "ref=force:linear=xla,xla:xla_gpu_enable_pdl=true", "--out", str(out),
+                           "--commit", "abc123"], capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["commit"] == "abc123" and data["shape"] == "llama-tiny" and list(data["variants"]) == ["base", "ref"]
+    assert data["variants"]["ref"]["spec"] == "force:linear=xla,xla:xla_gpu_enable_pdl=true"
+    for row in data["variants"].values():
+        assert len(row["ms_per_step"]) == 2 and min(row["ms_per_step"]) > 0
+    assert "x1.000 of the first" in proc.stdout
+    bad = subprocess.run([sys.executable, str(script), "--variant", "x=force:linear"], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert bad.returncode == 2 and "'force:linear' is not force:OP=IMPL" in bad.stderr
