@@ -80,15 +80,6 @@ def unsupported(x, residual, w) -> str | None:
     return None
 
 
-def _sum_partials(r_ref, mask, load):
-    """Split by split, each a [rows, features] tile in x's layout (a sum over a loaded [splits, ...]
-    block would first move it between thread layouts)."""
-    total = load(r_ref.at[jnp.int32(0)], mask)
-    for i in range(1, r_ref.shape[0]):
-        total = total + load(r_ref.at[jnp.int32(i)], mask)
-    return total
-
-
 def _kernel(x_ref, r_ref, w_ref, s_ref, o_ref, *, rows: int, features: int, block_rows: int, eps: float,
             offset: float):
     shape = x_ref.shape  # [block_rows, padded features]
@@ -109,7 +100,8 @@ def _kernel(x_ref, r_ref, w_ref, s_ref, o_ref, *, rows: int, features: int, bloc
             pl_triton.store(ref, val, mask=mask)
 
     if len(r_ref.shape) == 3:  # float32 partial sums [splits, rows, features] of the residual
-        r = _sum_partials(r_ref, mask, load).astype(x_ref.dtype)  # rounded as the matmul rounds its output
+        parts = load(r_ref, None if mask is None else jnp.broadcast_to(mask[None], r_ref.shape))
+        r = jnp.sum(parts, axis=0).astype(x_ref.dtype)  # rounded as the matmul rounds its output
     else:
         r = load(r_ref, mask)
     s = load(x_ref, mask) + r  # in x's dtype, as jnp rounds x + residual
