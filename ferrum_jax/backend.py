@@ -238,10 +238,7 @@ class Ops:
         return self.call("rms_norm", x, w, eps=eps, offset=offset)
 
     def add_rms_norm(self, x, residual, w, *, eps: float, offset: float = 0.0):
-        """(s, rms_norm(s, w)) with s = x + residual: a residual add and the norm after it (ferrum_jax.ops).
-        A residual that is a pending `ferrum_jax.ops.Projection` goes to `project_add_rms_norm`."""
-        if hasattr(residual, "apply"):
-            return self.call("project_add_rms_norm", x, residual, w, eps=eps, offset=offset, ops=self)
+        """(s, rms_norm(s, w)) with s = x + residual: a residual add and the norm after it (ferrum_jax.ops)."""
         return self.call("add_rms_norm", x, residual, w, eps=eps, offset=offset)
 
     def add_rms_norm_linear(self, x, residual, norm_w, w, bias=None, *, eps: float, offset: float = 0.0):

@@ -13,7 +13,6 @@ Quantized weight types register their own `linear`/`embed` entries (see ferrum_j
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,35 +47,6 @@ def add_rms_norm(x: jax.Array, residual: jax.Array, w: jax.Array, *, eps: float,
     GPU kernel can do both in one pass (XLA compiles them to three small kernels)."""
     s = x + residual
     return s, rms_norm(s, w, eps=eps, offset=offset)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Projection:
-    """A sub-layer's last projection, `linear(x, w, bias)`, not computed yet (of act(gate) * up
-    when `act` is set: x is then [..., 2F], the halves gate | up, as the fused [gate; up] weight
-    produces them). Models hand it to the residual add after it (`Ops.add_rms_norm`), which may
-    fuse the matmul into its own kernels (`project_add_rms_norm`); `apply` computes it."""
-    x: jax.Array
-    w: Any
-    bias: Any = None
-    act: str | None = dataclasses.field(default=None, metadata=dict(static=True))
-
-    def apply(self, ops) -> jax.Array:
-        """The projection through `ops`: `linear` (after `activation` and the product with `act`)."""
-        x = self.x
-        if self.act is not None:
-            gate, up = jnp.split(x, 2, axis=-1)
-            x = ops.activation(gate, self.act) * up
-        return ops.linear(x, self.w, self.bias)
-
-
-def project_add_rms_norm(x: jax.Array, residual: Projection, w: jax.Array, *, eps: float, offset: float = 0.0,
-                         ops) -> tuple[jax.Array, jax.Array]:
-    """`add_rms_norm` of a residual that is a pending projection: (s, rms_norm(s, w)) with
-    s = x + residual.apply(ops). One op so a GPU kernel pair can skip the matmul's own reduction;
-    here the projection and `add_rms_norm` through `ops`."""
-    return ops.add_rms_norm(x, residual.apply(ops), w, eps=eps, offset=offset)
 
 
 def add_rms_norm_linear(x: jax.Array, residual: jax.Array | None, norm_w: jax.Array, w, bias=None, *, eps: float,
@@ -285,7 +255,6 @@ for _op, _fn, _applies in [
     ("rms_norm", rms_norm, None),
     ("add_rms_norm", add_rms_norm, None),
     ("add_rms_norm_linear", add_rms_norm_linear, None),
-    ("project_add_rms_norm", project_add_rms_norm, None),
     ("rope", rope, None),
     ("activation", activation, None),
     ("gated_mlp", gated_mlp, None),

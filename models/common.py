@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from ferrum_jax.backend import Ops
 from ferrum_jax.cache import KVCache
 from ferrum_jax.errors import ConfigError
-from ferrum_jax.ops import Projection, QKPrologue
+from ferrum_jax.ops import QKPrologue
 from ferrum_jax.quant.qweight import QuantWeight
 from ferrum_jax.rope import Rope
 
@@ -151,9 +151,7 @@ def self_attention(p: Attention, x: jax.Array, residual: jax.Array | None, norm:
     """The attention sub-layer from the residual stream: s = x + residual (x when residual is None,
     the add still pending from the layer before), its RMS norm (`norm`), then project, (q/k-norm),
     rotate, store K/V in the cache at `positions`, attend over the first `kv_len` cache slots (all
-    of them when None) -> (s, the output projection still pending, cache): the residual add after
-    it takes the `Projection` and may fuse the matmul (`Ops.add_rms_norm`). `residual` may be one
-    too (the MLP's down projection of the layer before). With the projections fused,
+    of them when None), project out -> (s, attention output, cache). With the projections fused,
     the add, the norm and the qkv projection are one op (`add_rms_norm_linear`: one kernel at
     decode on GPU)."""
     b, t, _ = x.shape
@@ -181,15 +179,7 @@ def self_attention(p: Attention, x: jax.Array, residual: jax.Array | None, norm:
     prologue = QKPrologue(spec.rope, p.q_norm, p.k_norm, eps=spec.norm_eps, offset=spec.norm_offset)
     out, cache = cache.write_attend(layer, q, k, v, positions, ops=ops, scale=spec.scale, window=spec.window,
                                     softcap=spec.softcap, kv_len=kv_len, prologue=prologue)
-    return s, Projection(out.reshape(b, t, -1), p.wo, p.bo), cache
-
-
-def mlp_projection(p: Mlp, x: jax.Array, kind: str, ops: Ops) -> Projection:
-    """The gated MLP (`ferrum_jax.ops.gated_mlp`) up to its down projection, which is left pending
-    for the residual add after it (`Ops.add_rms_norm` may fuse it)."""
-    if p.up is None:  # fused [gate; up]: the activation product goes with the down projection
-        return Projection(ops.linear(x, p.gate), p.down, act=kind)
-    return Projection(ops.activation(ops.linear(x, p.gate), kind) * ops.linear(x, p.up), p.down)
+    return s, ops.linear(out.reshape(b, t, -1), p.wo, p.bo), cache
 
 
 def final_logits(x: jax.Array, norm: Array, lm_head: Array, logits_at: jax.Array | None, *, eps: float,

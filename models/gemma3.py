@@ -132,7 +132,7 @@ def forward(w: Weights, tokens: jax.Array, positions: jax.Array, cache: KVCache,
     for i, layer in enumerate(w.layers):
         x, a, cache = self_attention(layer.attn, x, m, layer.attn_norm, positions, cache, i, cfg.attn[i], ops,
                                      kv_len, eps=eps, norm_offset=1.0)
-        a = ops.rms_norm(a.apply(ops), layer.post_attn_norm, eps=eps, offset=1.0)
+        a = ops.rms_norm(a, layer.post_attn_norm, eps=eps, offset=1.0)
         x, h = ops.add_rms_norm(x, a, layer.mlp_norm, eps=eps, offset=1.0)
         m = ops.gated_mlp(h, layer.mlp.gate, layer.mlp.up, layer.mlp.down, cfg.hidden_act)
         m = ops.rms_norm(m, layer.post_mlp_norm, eps=eps, offset=1.0)

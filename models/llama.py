@@ -19,7 +19,7 @@ from ferrum_jax.backend import Ops
 from ferrum_jax.cache import KVCache
 from ferrum_jax.errors import ConfigError
 from models.common import (Attention, AttnSpec, DecoderConfig, HFConfig, Mlp, attention_shapes, attention_weights,
-                           final_logits, mlp_projection, mlp_shapes, mlp_weights, self_attention)
+                           final_logits, mlp_shapes, mlp_weights, self_attention)
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
@@ -122,13 +122,12 @@ def forward(w: Weights, tokens: jax.Array, positions: jax.Array, cache: KVCache,
     # Every residual add is fused with the norm after it: the MLP's with the next layer's attention
     # norm and qkv projection (`add_rms_norm_linear`, inside self_attention), the attention's with
     # the MLP norm (`add_rms_norm`); the last one stays apart, because final_logits norms only the
-    # positions it projects. Each sub-layer's last projection (o, down) is handed to that add still
-    # pending (`Projection`): at batch 1 on a GPU the add's kernel sums the matmul's split-K partials.
+    # positions it projects.
     m = None
     for i, layer in enumerate(w.layers):
         x, a, cache = self_attention(layer.attn, x, m, layer.attn_norm, positions, cache, i, cfg.attn[i], ops,
                                      kv_len, eps=eps)
         x, h = ops.add_rms_norm(x, a, layer.mlp_norm, eps=eps)
-        m = mlp_projection(layer.mlp, h, cfg.hidden_act, ops)
-    x = x + m.apply(ops)
+        m = ops.gated_mlp(h, layer.mlp.gate, layer.mlp.up, layer.mlp.down, cfg.hidden_act)
+    x = x + m
     return final_logits(x, w.norm, w.lm_head, logits_at, eps=eps, ops=ops), cache

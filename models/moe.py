@@ -28,11 +28,10 @@ import jax.numpy as jnp
 from ferrum_jax.backend import Ops
 from ferrum_jax.cache import KVCache
 from ferrum_jax.errors import CheckpointError, ConfigError
-from ferrum_jax.ops import Projection
 from ferrum_jax.quant.packed import GGUFWeight
 from ferrum_jax.quant.qweight import QuantWeight
 from models.common import (Array, Attention, AttnSpec, DecoderConfig, HFConfig, Mlp, attention_shapes,
-                           attention_weights, final_logits, mlp_projection, mlp_shapes, mlp_weights, self_attention)
+                           attention_weights, final_logits, mlp_shapes, mlp_weights, self_attention)
 from models.llama import _layer_windows
 
 ARCHITECTURES = ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM")
@@ -272,6 +271,6 @@ def forward(w: Weights, tokens: jax.Array, positions: jax.Array, cache: KVCache,
         if isinstance(layer.mlp, Moe):
             m = moe_block(layer.mlp, h, cfg, ops)
         else:
-            m = mlp_projection(layer.mlp, h, cfg.hidden_act, ops)
-    x = x + (m.apply(ops) if isinstance(m, Projection) else m)
+            m = ops.gated_mlp(h, layer.mlp.gate, layer.mlp.up, layer.mlp.down, cfg.hidden_act)
+    x = x + m
     return final_logits(x, w.norm, w.lm_head, logits_at, eps=eps, ops=ops), cache

@@ -14,8 +14,7 @@ import ferrum_jax as fj
 from ferrum_jax import backend, ops
 from ferrum_jax.backend import Impl, Ops, record_dispatch, register
 
-OPS_OF_A_LLAMA = {"embed", "rms_norm", "add_rms_norm", "add_rms_norm_linear", "project_add_rms_norm", "linear", "rope",
-                  "attention", "activation"}
+OPS_OF_A_LLAMA = {"embed", "rms_norm", "add_rms_norm", "add_rms_norm_linear", "linear", "rope", "attention", "gated_mlp", "activation"}
 
 
 @pytest.fixture

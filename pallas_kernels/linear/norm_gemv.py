@@ -31,8 +31,6 @@ def unsupported(x, residual, norm_w, w, bias=None) -> str | None:
     reason = gemv_unsupported(x, w, bias)
     if reason is not None:
         return reason
-    if hasattr(residual, "apply"):
-        return "the residual is a pending projection (ferrum_jax.ops.Projection)"
     if residual is not None and (getattr(residual, "shape", None) != x.shape or residual.dtype != x.dtype):
         return f"residual {getattr(residual, 'shape', type(residual).__name__)} is not x's shape and dtype {x.shape}"
     if getattr(norm_w, "shape", None) != (x.shape[-1],) or jnp.dtype(norm_w.dtype) not in FLOATS:

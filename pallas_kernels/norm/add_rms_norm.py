@@ -99,12 +99,7 @@ def _kernel(x_ref, r_ref, w_ref, s_ref, o_ref, *, rows: int, features: int, bloc
         else:
             pl_triton.store(ref, val, mask=mask)
 
-    if len(r_ref.shape) == 3:  # float32 partial sums [splits, rows, features] of the residual
-        parts = load(r_ref, None if mask is None else jnp.broadcast_to(mask[None], r_ref.shape))
-        r = jnp.sum(parts, axis=0).astype(x_ref.dtype)  # rounded as the matmul rounds its output
-    else:
-        r = load(r_ref, mask)
-    s = load(x_ref, mask) + r  # in x's dtype, as jnp rounds x + residual
+    s = load(x_ref, mask) + load(r_ref, mask)  # in x's dtype, as jnp rounds x + residual
     store(s_ref, s)
     sf = s.astype(jnp.float32)
     w = load(w_ref, None if features == shape[1] else lax.iota(jnp.int32, shape[1]) < features)
@@ -146,47 +141,6 @@ def add_rms_norm(x: jax.Array, residual: jax.Array, w: jax.Array, *, eps: float,
     return s.reshape(x.shape), normed.reshape(x.shape)
 
 
-@partial(jax.jit, static_argnames=("eps", "offset", "num_warps", "interpret"))
-def add_partials_rms_norm(x: jax.Array, partials: jax.Array, w: jax.Array, *, eps: float, offset: float = 0.0,
-                          num_warps: int | None = None, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
-    """`add_rms_norm` of a residual given as float32 partial sums [splits, ..., H] (a split-K
-    matmul's, `pallas_kernels/linear/splitk_gemv.py`): the kernel sums them as it loads them,
-    rounds the sum to x's dtype (as the matmul would round its output) and adds it to x."""
-    reason = unsupported_partials(x, partials, w)
-    if reason is not None:
-        raise ValueError(f"add_partials_rms_norm: {reason}")
-    h = x.shape[-1]
-    rows, splits = x.size // h, partials.shape[0]
-    br, hp = default_block_rows(rows, h), _pow2_ceil(h)
-    kernel = partial(_kernel, rows=rows, features=h, block_rows=br, eps=float(eps), offset=float(offset))
-    row_block = pl.BlockSpec((br, hp), lambda i: (i, 0))
-    params = {} if interpret else {
-        "compiler_params": pl_triton.CompilerParams(num_warps=num_warps or default_num_warps(br, h), num_stages=1)}
-    s, normed = pl.pallas_call(
-        kernel,
-        grid=(pl.cdiv(rows, br),),
-        in_specs=[row_block, pl.BlockSpec((splits, br, hp), lambda i: (0, i, 0)), pl.BlockSpec((hp,), lambda i: (0,))],
-        out_specs=[row_block, row_block],
-        out_shape=[jax.ShapeDtypeStruct((rows, h), x.dtype)] * 2,
-        interpret=interpret,
-        name="add_partials_rms_norm",
-        **params,
-    )(x.reshape(rows, h), partials.reshape(splits, rows, h), w)
-    return s.reshape(x.shape), normed.reshape(x.shape)
-
-
-def unsupported_partials(x, partials, w) -> str | None:
-    """None if `add_partials_rms_norm` takes these arguments, else why not."""
-    if not hasattr(partials, "shape") or partials.ndim != x.ndim + 1 or partials.shape[1:] != x.shape:
-        return f"partials {getattr(partials, 'shape', type(partials).__name__)} are not [splits, *{x.shape}]"
-    splits = partials.shape[0]
-    if splits < 1 or splits & (splits - 1) or splits > 16:
-        return f"{splits} splits (a power of two up to 16: one block)"
-    if partials.dtype != jnp.float32:
-        return f"partials dtype {partials.dtype} (float32 sums)"
-    return unsupported(x, x, w) or (None if partials.size <= MAX_ELEMENTS else f"{partials.size} partial elements")
-
-
 def reference(x: jax.Array, residual: jax.Array, w: jax.Array, *, eps: float,
               offset: float = 0.0) -> tuple[jax.Array, jax.Array]:
     """The oracle: x + residual, then ferrum_jax.ops.rms_norm of the sum."""
@@ -194,4 +148,4 @@ def reference(x: jax.Array, residual: jax.Array, w: jax.Array, *, eps: float,
     return s, ref_ops.rms_norm(s, w, eps=eps, offset=offset)
 
 
-__all__ = ["add_partials_rms_norm", "add_rms_norm", "default_block_rows", "default_num_warps", "reference", "unsupported", "unsupported_partials"]
+__all__ = ["add_rms_norm", "default_block_rows", "default_num_warps", "reference", "unsupported"]
