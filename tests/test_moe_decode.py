@@ -176,17 +176,19 @@ def test_choose_config_cuts_tiles_to_fit():
     assert (odd.gate_up.block_n, odd.gate_up.block_k, odd.down.block_n, odd.down.block_k) == (8, 32, 32, 8)
 
 
-def test_choose_config_gives_wide_down_programs_more_warps():
-    """The down program's k slots x F inputs are in flight at once: the default's one warp holds
-    Qwen3-30B-A3B's (8 x 768 bf16: 384 bytes a thread); Mixtral's 2 x 14336 take 4 warps
-    (448 bytes a thread); float32 stacks twice the bytes; an explicit config keeps its warps."""
+def test_choose_config_gives_wide_down_rows_the_wide_tiles():
+    """Qwen3-30B-A3B's 8 x 768 bf16 slot rows (12 KB) keep the one-row, one-warp default; Mixtral's
+    2 x 14336 (56 KB) and float32 stacks past WIDE_DOWN_BYTES take WIDE_DOWN_TILES (cut to the
+    shape); an explicit config is kept."""
     qwen = moe_decode.choose_config(2048, 768, top_k=8, itemsize=2).down
-    assert (qwen.block_n, qwen.num_warps) == (1, 1)
-    assert moe_decode.choose_config(4096, 14336, top_k=2, itemsize=2).down.num_warps == 4
-    assert moe_decode.choose_config(2048, 768, top_k=8, itemsize=4).down.num_warps == 2
-    assert moe_decode.choose_config(2048, 14336, top_k=8, itemsize=4).down.num_warps == 8  # capped
+    assert (qwen.block_n, qwen.block_k, qwen.num_warps) == (1, 256, 1)
+    wide = moe_decode.WIDE_DOWN_TILES
+    mixtral = moe_decode.choose_config(4096, 14336, top_k=2, itemsize=2).down
+    assert (mixtral.block_n, mixtral.block_k, mixtral.num_warps) == (wide.block_n, wide.block_k, wide.num_warps)
+    assert moe_decode.choose_config(2048, 768, top_k=8, itemsize=4).down.block_n == wide.block_n  # 24 KB
+    assert moe_decode.choose_config(2, 768, top_k=8, itemsize=4).down.block_n == 2  # cut to H
     given = moe_decode.DecodeConfig(moe_decode.GemvTiles(8, 1024), moe_decode.GemvTiles(1, 256, 1))
-    assert moe_decode.choose_config(4096, 14336, given, top_k=2).down.num_warps == 1
+    assert moe_decode.choose_config(4096, 14336, given, top_k=2).down == moe_decode.GemvTiles(1, 1024, 1)
 
 
 # --- CUDA lowering at Qwen3-30B-A3B shapes ----------------------------------------------------------------

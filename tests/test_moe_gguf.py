@@ -21,6 +21,8 @@ K-quants, which gguf cannot quantize, are random valid blocks of about the weigh
 
 from __future__ import annotations
 
+import dataclasses
+
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,10 @@ from models.moe import Moe  # noqa: E402
 
 T = gguf.GGMLQuantizationType
 ATOL = 1e-4
+# The implementations of `moe_experts` that run quantized stacks as they are stored (the reference
+# dequantizing per call on CPU, the kernels on a GPU), and those of dense stacks.
+PACKED = {"xla_dequant", "pallas_grouped_quant", "pallas_decode_quant"}
+DENSE = {"xla", "pallas_grouped", "pallas_decode"}
 VOCAB = 384
 HIDDEN = 256  # K-quant blocks are 256 wide: every projection's input is a multiple
 PROMPT_LEN = 20
@@ -357,10 +363,13 @@ def check_against_hf(model, hf, label: str, *, generate: bool = True) -> None:
     """Prefill logits at every position of two right-padded prompts, then 16 decode steps fed with
     HF's greedy continuation (each row at its own position; their argmax must be those tokens), then
     (`generate`) `ferrum_jax.generate`'s greedy tokens."""
+    # The integer-dot kernels a GPU runs by default at decode round the activations to int8 (~1e-2
+    # relative, tests/test_moe_decode_quant.py): parity within ATOL is the exact path's promise.
+    model = dataclasses.replace(model, ops=dataclasses.replace(model.ops, exact=True))
     prompts = [_prompt(10, PROMPT_LEN), _prompt(11, PROMPT_LEN - 7)]
     with record_dispatch() as log:
         logits = prefill_logits(model, prompts)
-    assert "xla_dequant" in summarize(log)["moe_experts"].split(","), summarize(log)
+    assert set(summarize(log)["moe_experts"].split(",")) & PACKED, summarize(log)  # a packed stack ran packed
     diff = max(float(np.abs(logits[i, : len(p)] - _hf_logits(hf, p)).max()) for i, p in enumerate(prompts))
     print(f"\n[gguf moe] {label:14s} prefill max|ferrum - hf| = {diff:.2e}")
     assert diff < ATOL
@@ -485,7 +494,7 @@ def test_dense_stacks_and_per_expert_files(cases, tmp_path):
     assert isinstance(dense.weights.layers[1].mlp.gate, jax.Array)
     with record_dispatch() as log:
         got = prefill_logits(dense, prompts)
-    assert summarize(log)["moe_experts"] == "xla"
+    assert set(summarize(log)["moe_experts"].split(",")) <= DENSE, summarize(log)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)  # all experts at once vs one by one
 
     split = {}
@@ -538,7 +547,7 @@ def test_packed_experts_match_dense(tokens, fused):
     run = jax.jit(partial(DEFAULT_OPS.moe_experts, kind="silu"))
     with record_dispatch() as log:
         got = run(x, ids, weights, gate, up, down)
-    assert summarize(log)["moe_experts"] == "xla_dequant"
+    assert set(summarize(log)["moe_experts"].split(",")) <= PACKED, summarize(log)
     want = run(x, ids, weights, jnp.asarray(gate_d), None if up_d is None else jnp.asarray(up_d), jnp.asarray(down_d))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 

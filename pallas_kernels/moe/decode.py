@@ -74,26 +74,27 @@ def _fit_k(dim: int, want: int) -> int:
 
 
 # A down program has all its k slots' weight rows in flight at once (unrolled loads). The default
-# one-warp program keeps Qwen3-30B-A3B's 8 x 768 bf16 inputs at 384 bytes a thread; wider experts
-# (Mixtral's F = 14336) get more warps, so each thread's share stays under this (no spills).
-MAX_DOWN_BYTES_PER_THREAD = 512
+# one-row, one-warp program suits Qwen3-30B-A3B's 8 x 768 bf16 inputs (12 KB a program); where the
+# k slots' rows pass WIDE_DOWN_BYTES (Mixtral's 2 x 14336: 56 KB a row) the default takes
+# WIDE_DOWN_TILES instead. H200, Mixtral-8x7B shape at batch 1 (bench/results/moe_decode_mixtral_down_*):
+# down 59.4 us at (4, 1024, 4) = 3.96 TB/s of the two experts' rows, 60.3 at (2, 1024, 4), 64.3 at
+# (1, 256, 1), 67.4-68.0 at (1, 1024, 4).
+WIDE_DOWN_BYTES = 16 * 1024
+WIDE_DOWN_TILES = GemvTiles(4, 1024, 4, 1)
 
 
 def choose_config(hidden: int, ff: int, config: DecodeConfig | None = None, *, top_k: int = 1,
                   itemsize: int = 2) -> DecodeConfig:
     """`config` (default: DecodeConfig()) with each tile cut down to divide the projection (and
     block_k grown where more than MAX_UNROLL loads would cover the input). The default's down
-    program also takes more warps where its k slots' rows (`itemsize` bytes each) would exceed
-    MAX_DOWN_BYTES_PER_THREAD; a config given is kept as it is there."""
+    tiles become WIDE_DOWN_TILES where a row's k slots (`itemsize` bytes an input) pass
+    WIDE_DOWN_BYTES; a config given is kept as it is there."""
     c = config or DecodeConfig()
+    down = c.down
+    if config is None and top_k * ff * itemsize > WIDE_DOWN_BYTES:
+        down = WIDE_DOWN_TILES
     gu = dataclasses.replace(c.gate_up, block_n=_fit(ff, c.gate_up.block_n), block_k=_fit_k(hidden, c.gate_up.block_k))
-    dn = dataclasses.replace(c.down, block_n=_fit(hidden, c.down.block_n), block_k=_fit_k(ff, c.down.block_k))
-    if config is None:
-        per_program = dn.block_n * ff * top_k * itemsize
-        warps = dn.num_warps
-        while warps < 8 and warps * 32 * MAX_DOWN_BYTES_PER_THREAD < per_program:
-            warps *= 2
-        dn = dataclasses.replace(dn, num_warps=warps)
+    dn = dataclasses.replace(down, block_n=_fit(hidden, down.block_n), block_k=_fit_k(ff, down.block_k))
     return DecodeConfig(gu, dn)
 
 
