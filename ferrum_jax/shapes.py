@@ -47,6 +47,12 @@ SHAPES: dict[str, dict[str, Any]] = {
                           hidden_act="silu", attention_bias=False, rms_norm_eps=1e-6, rope_theta=1000000.0,
                           rope_scaling=None, max_position_embeddings=40960, use_sliding_window=False,
                           sliding_window=None, max_window_layers=48, tie_word_embeddings=False),
+    # Mixture of experts with wide experts: 8 experts, 2 per token (HF config of mistralai/Mixtral-8x7B-v0.1).
+    "mixtral-8x7b": dict(architectures=["MixtralForCausalLM"], model_type="mixtral", vocab_size=32000,
+                         hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, hidden_act="silu",
+                         rms_norm_eps=1e-5, rope_theta=1000000.0, max_position_embeddings=32768, sliding_window=None,
+                         tie_word_embeddings=False),
     # For CPU tests: 8 experts, top 2; layer 0 has a dense MLP (mlp_only_layers), layers 1 and 2 are MoE.
     "qwen3-moe-tiny": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=512,
                            hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=8,

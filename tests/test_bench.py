@@ -247,6 +247,23 @@ def test_moe_shape_configs():
     assert (tiny.num_experts, tiny.top_k, tiny.sparse) == (8, 2, (False, True, True))
 
 
+def test_mixtral_shape_config():
+    """Mixtral-8x7B's published sizes: 46.7 G parameters, 12.9 G active per token (embedding included).
+    Derived: each expert is 3 x 4096 x 14336 = 176.2 M, so 6 idle experts x 32 layers leave 33.8 G."""
+    cfg = shape_config("mixtral-8x7b")
+    assert (cfg.num_experts, cfg.top_k, cfg.moe_intermediate_size, cfg.num_layers) == (8, 2, 14336, 32)
+    assert all(cfg.sparse) and cfg.norm_topk_prob and not cfg.qk_norm and cfg.naming == "mixtral"
+    w = jax.eval_shape(lambda: ferrum_jax.shapes.random_weights(cfg, jnp.bfloat16))
+    ws = bench.weight_stats(w, cfg, (1, 32))
+    expert = 3 * 4096 * 14336
+    assert ws["moe"]["expert_params"] == 32 * 8 * expert
+    assert 46.6e9 < ws["params"] < 46.8e9
+    active = ws["params"] - 32 * 6 * expert
+    assert 12.8e9 < active < 13.0e9
+    assert active == ws["matmul_params_per_token"] + ws["lm_head_params"] + 32000 * 4096 + (2 * 32 + 1) * 4096
+    assert ws["moe"]["expected_distinct_experts_per_layer"]["1"] == 2.0
+
+
 def test_moe_sweep_counts_the_active_experts(moe_sweep):
     result, tmp = moe_sweep
     data = json.loads((tmp / "qwen3-moe-tiny_f32_cpu.json").read_text())
