@@ -139,7 +139,7 @@ def load(path: str | Path = DEFAULT_MODEL, *, dtype: str | jnp.dtype | None = "a
         else:
             cfg, weights, metadata = load_gguf(resolved, dtype=resolve_dtype(dtype), dequantize=dequantize,
                                                progress=progress)
-            weights = fuse_projections(repack_weights(weights))
+            weights = fuse_projections(repack_weights(weights), free_inputs=True)
         # A file without tokenizer metadata still runs on token ids.
         has_tokenizer = "tokenizer.ggml.model" in metadata.reader.fields
         tokenizer = tokenizer_from_gguf(metadata.reader, str(resolved)) if has_tokenizer else None
@@ -151,5 +151,5 @@ def load(path: str | Path = DEFAULT_MODEL, *, dtype: str | jnp.dtype | None = "a
         cfg, weights = load_safetensors_sharded(resolved, cfg, mesh, dtype=resolve_dtype(dtype), progress=progress)
     else:
         tensors = load_hf_tensors(resolved, family.tensor_shapes(cfg), dtype=resolve_dtype(dtype), progress=progress)
-        weights = fuse_projections(family.build_weights(cfg, tensors))
+        weights = fuse_projections(family.build_weights(cfg, tensors), free_inputs=True)
     return Model(cfg, weights, tokenizer, name=name, ops=ops, load_seconds=time.perf_counter() - start, mesh=mesh)

@@ -98,4 +98,4 @@ def random_weights(cfg: Any, dtype: jnp.dtype = jnp.bfloat16, seed: int = 0) -> 
             tensors[name] = jnp.ones(shape, dtype)
         else:
             tensors[name] = _normal(jax.random.fold_in(key, i), tuple(int(s) for s in shape), dtype)
-    return fuse_projections(family.build_weights(cfg, tensors))  # as `load` does
+    return fuse_projections(family.build_weights(cfg, tensors), free_inputs=True)  # as `load` does

@@ -260,7 +260,8 @@ def test_loads_as_moe(name, checkpoints):
         assert cfg.sparse == (True, False, True) and not cfg.norm_topk_prob
     m = model.weights.layers[0].mlp
     f = cfg.moe_intermediate_size
-    assert m.gate.shape == (8, f, 64) and m.down.shape == (8, 64, f)
+    # HF's per-expert tensors stacked, gate and up fused per expert ([gate_e; up_e] rows) at load
+    assert m.gate.shape == (8, 2 * f, 64) and m.up is None and m.down.shape == (8, 64, f)
     assert (m.shared is not None) == (name == "qwen2-moe-shared")
 
 
@@ -324,3 +325,32 @@ def test_one_device_mesh_matches_unsharded(checkpoints):
     ref = ferrum_jax.logits(ferrum_jax.load(path, dtype="float32", progress=False), ids)
     got = ferrum_jax.logits(ferrum_jax.load(path, dtype="float32", progress=False, mesh=ferrum_jax.make_mesh()), ids)
     np.testing.assert_allclose(got, ref, atol=1e-5 * max(1.0, np.abs(ref).max()))
+
+
+def test_fuse_projections_fuses_dense_expert_stacks_and_frees_what_it_owns():
+    """Dense gate and up stacks [E, F, H] become [gate_e; up_e] rows per expert ([E, 2F, H], numpy's
+    concatenate the oracle), the shared expert's gate/up fuse too, packed stacks stay apart; with
+    free_inputs the inputs are deleted (a loader's peak: one fused projection more), without it they stay."""
+    from models.common import Mlp, fuse_projections
+
+    rng = np.random.default_rng(0)
+    arr = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    shared = Mlp(gate=arr(6, 4), up=arr(6, 4), down=arr(4, 6))
+    moe = Moe(router=arr(3, 4), gate=arr(3, 5, 4), up=arr(3, 5, 4), down=arr(3, 4, 5), shared=shared,
+              shared_gate=arr(1, 4))
+    gate, up, sgate, sup = (np.asarray(a) for a in (moe.gate, moe.up, shared.gate, shared.up))
+    kept = fuse_projections([moe])[0]
+    assert kept.up is None and kept.shared.up is None and not moe.gate.is_deleted()
+    np.testing.assert_array_equal(np.asarray(kept.gate), np.concatenate([gate, up], axis=1))
+    np.testing.assert_array_equal(np.asarray(kept.shared.gate), np.concatenate([sgate, sup], axis=0))
+    owned = fuse_projections([moe], free_inputs=True)[0]
+    assert moe.gate.is_deleted() and moe.up.is_deleted() and shared.gate.is_deleted()
+    assert not moe.down.is_deleted() and not moe.router.is_deleted()
+    np.testing.assert_array_equal(np.asarray(owned.gate), np.asarray(kept.gate))
+    # Traced (jax.eval_shape of a loader): shapes only, nothing deleted.
+    fresh = Moe(router=arr(3, 4), gate=arr(3, 5, 4), up=arr(3, 5, 4), down=arr(3, 4, 5))
+    abstract = jax.eval_shape(lambda m: fuse_projections([m], free_inputs=True)[0], fresh)
+    assert abstract.gate.shape == (3, 10, 4) and abstract.up is None and not fresh.gate.is_deleted()
+    # Stacks that are not both dense arrays of one dtype stay apart.
+    mixed = Moe(router=arr(3, 4), gate=arr(3, 5, 4), up=arr(3, 5, 4).astype(jnp.bfloat16), down=arr(3, 4, 5))
+    assert fuse_projections([mixed])[0].up is not None

@@ -129,7 +129,7 @@ def random_quantized_weights(cfg: Any, ggml_type: str = "Q4_K", compute_dtype: A
                 types["dense"] = types.get("dense", 0) + 1
     # As the loader does: repacked into the kernel layout (expert stacks too: QuantWeight stacks
     # where the type has a layout), q/k/v and gate/up fused.
-    return fuse_projections(repack_weights(family.build_weights(cfg, tensors))), types
+    return fuse_projections(repack_weights(family.build_weights(cfg, tensors)), free_inputs=True), types
 
 
 def _is_weight_leaf(x: Any) -> bool:
