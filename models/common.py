@@ -48,36 +48,43 @@ class Mlp:
     down: Array
 
 
+# Packed expert stacks fuse gate/up up to this many rows a projection (Qwen3-30B-A3B's 768: faster
+# fused; Mixtral's 14336: slower; see fuse_projections).
+PACKED_EXPERTS_FUSE_MAX_F = 4096
+
+
 def fuse_projections(weights: Any, *, free_inputs: bool = False) -> Any:
     """Stack q/k/v (and their biases) and gate/up into single weights, once at load time, so a
     decode step runs one larger matmul instead of several small ones (fewer kernels, better memory
     streaming). Dense weights of one dtype, or quantized weights of one format (`QuantWeight`), are
     fused; mixed ones (a Q4_K_M file stores some v/down projections as Q6_K) stay apart.
 
-    A MoE block's dense gate and up expert stacks [E, F, H] become one [E, 2F, H] stack, [gate_e;
-    up_e] rows per expert (`models.moe.Moe`; every MoE kernel and the reference take it). H200,
-    batch-1 decode (bench/results/moe_fused_stacks_*): Mixtral-8x7B's gate_up kernel 115 us vs 140
-    on separate stacks (decode -11% a step); Qwen3-30B-A3B unchanged. Packed expert stacks stay
-    apart (their rows are padded per expert; not measured).
+    A MoE block's gate and up expert stacks [E, F, H] become one [E, 2F, H] stack, [gate_e; up_e]
+    rows per expert (`models.moe.Moe`; every MoE kernel and the reference take it): dense stacks
+    always, packed `QuantWeight` stacks of one format where F <= PACKED_EXPERTS_FUSE_MAX_F. By
+    measurement, H200, batch-1 decode in the model (bench/results/moe_fused_stacks_*): bf16
+    Mixtral-8x7B -10% a step (its gate_up kernel 115 us vs 140 on separate stacks), bf16
+    Qwen3-30B-A3B unchanged; Q4_K Qwen3-30B-A3B (F = 768) -3.5%, Q4_K Mixtral (F = 14336) +1.5%.
 
     free_inputs: delete each fused weight's inputs once it is built, for a caller that owns them
     (a loader): loading then peaks at the weights plus one fused projection, not plus all of them
     (Mixtral-8x7B in bf16: 93 GB, +60 GB of gate/up stacks otherwise)."""
     from models.moe import Moe  # models.moe builds on this module
 
-    def stack(ws, axis: int = 0) -> Any:
-        if all(isinstance(a, jax.Array) for a in ws) and len({a.dtype for a in ws}) == 1:
-            out = jnp.concatenate(ws, axis=axis)
-        elif all(isinstance(a, QuantWeight) for a in ws):
-            out = QuantWeight.concat(list(ws))
-        else:
-            return None
+    def release(ws, out) -> Any:
         leaves = jax.tree_util.tree_leaves(list(ws))
-        if free_inputs and not any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):  # (eval_shape traces)
+        if out is not None and free_inputs and not any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):  # (eval_shape traces)
             jax.block_until_ready(out)
             for leaf in leaves:
                 leaf.delete()
         return out
+
+    def stack(ws, axis: int = 0) -> Any:
+        if all(isinstance(a, jax.Array) for a in ws) and len({a.dtype for a in ws}) == 1:
+            return release(ws, jnp.concatenate(ws, axis=axis))
+        if all(isinstance(a, QuantWeight) for a in ws):
+            return release(ws, QuantWeight.concat(list(ws)))
+        return None
 
     def fusable(*ws) -> bool:
         if all(isinstance(a, jax.Array) for a in ws):
@@ -98,8 +105,13 @@ def fuse_projections(weights: Any, *, free_inputs: bool = False) -> Any:
             if node.shared is not None:
                 node = dataclasses.replace(node, shared=fuse(node.shared))
             dense = all(isinstance(w, jax.Array) for w in (node.gate, node.up))
+            packed = all(isinstance(w, QuantWeight) for w in (node.gate, node.up))
             if dense and node.gate.dtype == node.up.dtype and node.gate.shape == node.up.shape:
                 node = dataclasses.replace(node, gate=stack([node.gate, node.up], axis=1), up=None)
+            elif packed and node.gate.ndim == 3 and node.gate.shape[1] <= PACKED_EXPERTS_FUSE_MAX_F:
+                fused = QuantWeight.concat_experts(node.gate, node.up)
+                if fused is not None:
+                    node = dataclasses.replace(node, gate=release([node.gate, node.up], fused), up=None)
         return node
 
     return jax.tree_util.tree_map(fuse, weights, is_leaf=lambda n: isinstance(n, (Attention, Mlp, Moe)))

@@ -354,3 +354,32 @@ def test_fuse_projections_fuses_dense_expert_stacks_and_frees_what_it_owns():
     # Stacks that are not both dense arrays of one dtype stay apart.
     mixed = Moe(router=arr(3, 4), gate=arr(3, 5, 4), up=arr(3, 5, 4).astype(jnp.bfloat16), down=arr(3, 4, 5))
     assert fuse_projections([mixed])[0].up is not None
+
+
+def test_fuse_projections_fuses_narrow_packed_expert_stacks():
+    """QuantWeight stacks of one format fuse per expert up to PACKED_EXPERTS_FUSE_MAX_F rows (the
+    fused stack dequantizes to the per-expert concatenation of the two), wider ones and stacks of
+    two formats stay apart."""
+    from ferrum_jax.quant.qweight import GGUF_FORMATS, QuantWeight
+    from models.common import PACKED_EXPERTS_FUSE_MAX_F, fuse_projections
+
+    rng = np.random.default_rng(1)
+
+    def stack(fmt: str, e: int, f: int, k: int = 32) -> QuantWeight:
+        q = GGUF_FORMATS[fmt]
+        codes = lambda: (rng.integers(-127, 128, (f, k)).astype(np.int8) if fmt == "Q8_0"
+                         else rng.integers(0, 16, (f, k)).astype(np.uint8))
+        return QuantWeight.stack([QuantWeight.from_codes(codes(), rng.uniform(0.01, 0.1, (f, k // q.group))
+                                                         .astype(np.float16), q) for _ in range(e)])
+
+    arr = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    gate, up = stack("Q8_0", 2, 64), stack("Q8_0", 2, 64)
+    expect = np.concatenate([np.asarray(gate.dequantize()), np.asarray(up.dequantize())], axis=1)
+    fused = fuse_projections([Moe(router=arr(2, 32), gate=gate, up=up, down=arr(2, 32, 64))], free_inputs=True)[0]
+    assert fused.up is None and fused.gate.shape == (2, 128, 32) and gate.lo.is_deleted() and up.scales.is_deleted()
+    np.testing.assert_array_equal(np.asarray(fused.gate.dequantize()), expect)
+    wide = PACKED_EXPERTS_FUSE_MAX_F + 64
+    apart = Moe(router=arr(1, 32), gate=stack("Q8_0", 1, wide), up=stack("Q8_0", 1, wide), down=arr(1, 32, wide))
+    assert fuse_projections([apart])[0].up is not None
+    mixed = Moe(router=arr(2, 32), gate=stack("Q8_0", 2, 64), up=stack("Q4_0", 2, 64), down=arr(2, 32, 64))
+    assert fuse_projections([mixed])[0].up is not None

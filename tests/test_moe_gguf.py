@@ -443,11 +443,16 @@ def test_gguf_moe_matches_hf(name, cases):
             continue
         moe = layer.mlp
         assert isinstance(moe, Moe)
-        if moe.up is None:  # dense stacks fuse at load: [gate_e; up_e] rows per expert
+        if moe.up is None:  # fused at load: [gate_e; up_e] rows per expert (dense, or packed of one format)
             names = [f"blk.{i}.ffn_{proj}_exps.weight" for proj in ("gate", "up")]
-            assert all(stored[n][1] in ("F32", "F16", "BF16") for n in names)
+            types = {stored[n][1] for n in names}
             values = dequantized({n: stored[n] for n in names})  # the gguf package's decoding
-            np.testing.assert_array_equal(np.asarray(moe.gate), np.concatenate([values[n] for n in names], axis=1))
+            want = np.concatenate([values[n] for n in names], axis=1)
+            if types <= {"F32", "F16", "BF16"}:
+                np.testing.assert_array_equal(np.asarray(moe.gate), want)
+            else:
+                assert len(types) == 1 and isinstance(moe.gate, QuantWeight) and moe.gate.fmt.name in types
+                np.testing.assert_allclose(np.asarray(moe.gate.dequantize()), want, rtol=1e-6, atol=1e-6)
         for stack, proj in ((moe.gate, "gate"), (moe.up, "up"), (moe.down, "down")):
             if stack is None or (proj == "gate" and moe.up is None):
                 continue

@@ -529,7 +529,11 @@ def test_gptq_moe_checkpoint_loads_quantweight_stacks(tmp_path, act_order):
     ref = ferrum_jax.load(_dequantized_checkpoint(quant_dir, qcfg, tmp_path / "ref"), dtype="float32", progress=False)
     for layer in model.weights.layers:
         moe = layer.mlp
-        for stack, shape in ((moe.gate, (8, 128, 128)), (moe.up, (8, 128, 128)), (moe.down, (8, 128, 128))):
+        # gate/up fused per expert at load ([gate_e; up_e]: [8, 256, 128]) unless act-order keeps them apart
+        assert (moe.up is None) == (not act_order)
+        stacks = ((moe.gate, (8, 128 if act_order else 256, 128)), (moe.down, (8, 128, 128)))
+        stacks += ((moe.up, (8, 128, 128)),) if act_order else ()
+        for stack, shape in stacks:
             assert isinstance(stack, QuantWeight) and stack.shape == shape and stack.fmt == gptq_format(4, 32)
             assert (stack.perm is not None) == act_order
         assert isinstance(moe.router, jax.Array)

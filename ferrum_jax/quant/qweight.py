@@ -303,6 +303,21 @@ class QuantWeight:
         return QuantWeight(lo, hi, scales_, sup, off, sup_off, perm_, fmt, (n, k), jnp.dtype(compute_dtype).name)
 
     @staticmethod
+    def concat_experts(gate: QuantWeight, up: QuantWeight) -> QuantWeight | None:
+        """Two [E, F, K] stacks of one format as one [E, 2F, K] stack, [gate_e; up_e] rows per expert
+        (each leaf concatenated along its row axis); None where that layout cannot hold them: other
+        formats, shapes or compute dtypes, act-order permutations, or padded rows (F not a multiple
+        of ROW_PAD: the up rows would not start at row F)."""
+        if not (gate.ndim == up.ndim == 3 and gate.fmt == up.fmt and gate.shape == up.shape
+                and gate.compute_dtype == up.compute_dtype and gate.perm is None and up.perm is None
+                and gate.lo.shape[1] == gate.shape[1]):
+            return None
+        leaves = [None if getattr(gate, name) is None else jnp.concatenate([getattr(gate, name), getattr(up, name)], axis=1)
+                  for name in _LEAVES]
+        e, f, k = gate.shape
+        return QuantWeight(*leaves, gate.fmt, (e, 2 * f, k), gate.compute_dtype)
+
+    @staticmethod
     def can_concat(weights: list[QuantWeight]) -> bool:
         first = weights[0]
         return all(w.ndim == 2 and w.fmt == first.fmt and w.shape[1] == first.shape[1] and w.perm is None
